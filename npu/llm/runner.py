@@ -1,0 +1,262 @@
+"""The LLM runner: a bundle loaded on one device, generating step by step.
+
+Generation comes in layers of generators (after mlx-lm): ``generate_step`` yields one ``Step`` per
+unit of device work (a prefill chunk, or a decode token) and knows nothing of text;
+``stream_generate`` turns tokens into safe text deltas, applies stop strings, EOS and max_tokens,
+and counts usage and timings. One ``next()`` is one bounded piece of work, which is what lets the
+engine interleave several jobs on one NPU and check cancellation between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from npu.llm.chat_template import ChatTemplate
+from npu.llm.detokenizer import StreamingDetokenizer
+from npu.llm.embedding import EmbeddingTable
+from npu.llm.kv_cache import CachePool, SequenceCache, reusable_prefix
+from npu.llm.layer_stack import LayerStack
+from npu.llm.model_args import ModelArgs
+from npu.llm.params import GenerationParams, GenerationResponse, Usage
+from npu.llm.sampling import TokenHistory, make_logits_processors, make_sampler
+from npu.llm.stops import StopMatcher
+from npu.runtime import resolve_backend
+
+logger = logging.getLogger(__name__)
+
+
+class ContextLengthError(ValueError):
+    """The prompt does not fit the model's context; names both lengths."""
+
+    def __init__(self, prompt_tokens: int, limit: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+        super().__init__(
+            f"the prompt has {prompt_tokens} tokens, more than the {limit} prompt tokens this "
+            f"model's context holds; shorten the prompt or the conversation history"
+        )
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of device work: a prefill chunk (``token is None``) or a sampled token."""
+
+    token: int | None
+    prompt_done: int
+
+
+class LLMRunner:
+    """A resident LLM: tokenizer, chat template, layer sessions and a pool of KV caches."""
+
+    def __init__(
+        self,
+        bundle_dir: Path,
+        args: ModelArgs,
+        stack: LayerStack,
+        embedding: EmbeddingTable,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        backend: str,
+        cache_slots: int = 1,
+    ) -> None:
+        self.bundle_dir = bundle_dir
+        self.args = args
+        self.stack = stack
+        self.embedding = embedding
+        self.tokenizer = tokenizer
+        self.template = template
+        self.backend = backend
+        self.pool = CachePool(cache_slots, stack.new_cache)
+        self.eos_ids = frozenset(args.eos_token_id)
+        self._add_bos = template.add_bos_token and args.bos_token_id is not None
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        backend: str = "auto",
+        device_id: int = 0,
+        *,
+        threads: int | None = None,
+        cache_slots: int = 1,
+    ) -> LLMRunner:
+        bundle_dir = Path(model_dir)
+        if not (bundle_dir / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{bundle_dir} is not a model bundle (no config.json); "
+                "create the demo one with 'appliance models demo'"
+            )
+        args = ModelArgs.load(bundle_dir)
+        concrete = resolve_backend(bundle_dir, backend)
+        started = time.perf_counter()
+        stack = LayerStack.load(bundle_dir, args, concrete, device_id=device_id, threads=threads)
+        embedding = EmbeddingTable(bundle_dir, args.vocab_size, args.hidden_size)
+        tokenizer = Tokenizer.from_file(str(bundle_dir / "tokenizer.json"))
+        template = ChatTemplate.from_bundle(bundle_dir)
+        logger.info(
+            "loaded %s on %s (device %d) in %.1f s: %d layers, context %d, prompt limit %d",
+            bundle_dir.name, concrete, device_id, time.perf_counter() - started,
+            args.num_hidden_layers, stack.kv_cache_len, stack.max_prompt_tokens,
+        )
+        return cls(bundle_dir, args, stack, embedding, tokenizer, template, concrete, cache_slots)
+
+    @property
+    def context_length(self) -> int:
+        return self.stack.kv_cache_len
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.stack.max_prompt_tokens
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if self._add_bos and (not ids or ids[0] != self.args.bos_token_id):
+            ids.insert(0, int(self.args.bos_token_id))  # type: ignore[arg-type]
+        return ids
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]], *, enable_thinking: bool = False) -> list[int]:
+        return self.encode(self.template.render(messages, enable_thinking=enable_thinking))
+
+    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) > self.max_prompt_tokens:
+            raise ContextLengthError(len(prompt_ids), self.max_prompt_tokens)
+
+    def generate_step(
+        self,
+        prompt_ids: Sequence[int],
+        params: GenerationParams,
+        cache: SequenceCache,
+    ) -> Generator[Step, None, None]:
+        """Prefill (reusing the cache's common prefix), then sample and decode until closed.
+
+        Ends by itself only when the KV cache is full. The caller stops it (EOS, stop string,
+        max_tokens, cancellation) by closing it; the cache then holds exactly the tokens fed.
+        """
+        self.check_prompt(prompt_ids)
+        stack, chunk = self.stack, self.stack.chunk
+        prompt = [int(t) for t in prompt_ids]
+        cache.trim(reusable_prefix(cache.tokens, prompt, chunk))
+        sampler = make_sampler(params)
+        processors = make_logits_processors(params)
+        history = TokenHistory(prompt)
+        hidden: np.ndarray | None = None
+        while cache.offset < len(prompt):
+            start = cache.offset
+            ids = prompt[start : start + chunk]
+            hidden = stack.prefill_chunk(cache, ids, self.embedding.lookup(ids))
+            if cache.offset < len(prompt):
+                yield Step(None, cache.offset)
+        assert hidden is not None
+        while True:
+            logits = stack.logits(hidden)
+            for process in processors:
+                logits = process(history, logits)
+            token = sampler(logits)
+            history.append(token)
+            yield Step(token, len(prompt))
+            if cache.free == 0:
+                return
+            hidden = stack.decode(cache, token, self.embedding.lookup([token]))
+
+    def stream_generate(
+        self, prompt_ids: Sequence[int], params: GenerationParams
+    ) -> Iterator[GenerationResponse]:
+        """Text deltas of one generation; the last item carries ``finish_reason`` and usage.
+
+        Items with ``token is None`` and empty text report progress through a long prompt.
+        """
+        self.check_prompt(prompt_ids)
+        cache = self.pool.acquire(prompt_ids)
+        try:
+            yield from self._stream(prompt_ids, params, cache)
+        finally:
+            self.pool.release(cache)
+
+    def _stream(
+        self, prompt_ids: Sequence[int], params: GenerationParams, cache: SequenceCache
+    ) -> Iterator[GenerationResponse]:
+        started = time.perf_counter()
+        usage = Usage(
+            prompt_tokens=len(prompt_ids),
+            cached_tokens=reusable_prefix(cache.tokens, prompt_ids, self.stack.chunk),
+        )
+        detokenizer = StreamingDetokenizer(self.tokenizer)
+        stops = StopMatcher(params.stop)
+        prompt_ms = 0.0
+        first_at = started
+        finish = "length"
+        carry = ""  # the last token's text when max_tokens ends the loop
+        steps = self.generate_step(prompt_ids, params, cache)
+        try:
+            for step in steps:
+                now = time.perf_counter()
+                if step.token is None:
+                    yield GenerationResponse("", None, usage=replace(usage), prompt_ms=(now - started) * 1e3)
+                    continue
+                if usage.completion_tokens == 0:
+                    first_at = now
+                    prompt_ms = (now - started) * 1e3
+                if step.token in self.eos_ids:
+                    finish = "stop"
+                    break
+                usage.completion_tokens += 1
+                detokenizer.add_token(step.token)
+                text, stopped = stops.feed(detokenizer.last_segment)
+                if stopped:
+                    finish = "stop"
+                    yield self._final(text, step.token, finish, usage, prompt_ms, first_at)
+                    return
+                if usage.completion_tokens >= params.max_tokens:
+                    carry = text
+                    break
+                yield GenerationResponse(
+                    text, step.token, usage=replace(usage), prompt_ms=prompt_ms,
+                    generation_ms=(now - first_at) * 1e3,
+                )
+        finally:
+            steps.close()
+        detokenizer.finalize()
+        text, stopped = stops.feed(detokenizer.last_segment)
+        if not stopped:
+            text += stops.flush()
+        else:
+            finish = "stop"
+        yield self._final(carry + text, None, finish, usage, prompt_ms, first_at)
+
+    @staticmethod
+    def _final(
+        text: str, token: int | None, finish: str, usage: Usage, prompt_ms: float, first_at: float
+    ) -> GenerationResponse:
+        return GenerationResponse(
+            text, token, finish_reason=finish,  # type: ignore[arg-type]
+            usage=replace(usage), prompt_ms=prompt_ms,
+            generation_ms=(time.perf_counter() - first_at) * 1e3,
+        )
+
+    def stream_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        params: GenerationParams,
+        *,
+        enable_thinking: bool = False,
+    ) -> Iterator[GenerationResponse]:
+        return self.stream_generate(self.encode_chat(messages, enable_thinking=enable_thinking), params)
+
+    def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> GenerationResponse:
+        """The whole completion as one response (text joined, usage and finish of the last item)."""
+        parts: list[str] = []
+        last: GenerationResponse | None = None
+        for last in self.stream_generate(prompt_ids, params):
+            parts.append(last.text)
+        assert last is not None
+        return replace(last, text="".join(parts))
