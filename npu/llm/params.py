@@ -81,6 +81,7 @@ class GenerationResponse:
     usage: Usage = field(default_factory=Usage)
     prompt_ms: float = 0.0
     generation_ms: float = 0.0
+    prompt_done: int = 0  # prompt tokens processed so far (progress items during prefill)
 
     @property
     def generation_tps(self) -> float:

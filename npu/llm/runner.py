@@ -24,9 +24,10 @@ from npu.llm.detokenizer import StreamingDetokenizer
 from npu.llm.embedding import EmbeddingTable
 from npu.llm.kv_cache import CachePool, SequenceCache, reusable_prefix
 from npu.llm.layer_stack import LayerStack
+from npu.llm.logits_processors import TokenHistory, make_logits_processors
 from npu.llm.model_args import ModelArgs
 from npu.llm.params import GenerationParams, GenerationResponse, Usage
-from npu.llm.sampling import TokenHistory, make_logits_processors, make_sampler
+from npu.llm.sampling import make_sampler
 from npu.llm.stops import StopMatcher
 from npu.runtime import resolve_backend
 
@@ -147,7 +148,7 @@ class LLMRunner:
         prompt = [int(t) for t in prompt_ids]
         cache.trim(reusable_prefix(cache.tokens, prompt, chunk))
         sampler = make_sampler(params)
-        processors = make_logits_processors(params)
+        processors = make_logits_processors(params, inplace=True)
         history = TokenHistory(prompt)
         hidden: np.ndarray | None = None
         while cache.offset < len(prompt):
@@ -201,7 +202,10 @@ class LLMRunner:
             for step in steps:
                 now = time.perf_counter()
                 if step.token is None:
-                    yield GenerationResponse("", None, usage=replace(usage), prompt_ms=(now - started) * 1e3)
+                    yield GenerationResponse(
+                        "", None, usage=replace(usage), prompt_ms=(now - started) * 1e3,
+                        prompt_done=step.prompt_done,
+                    )
                     continue
                 if usage.completion_tokens == 0:
                     first_at = now

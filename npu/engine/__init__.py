@@ -1,0 +1,1 @@
+"""The resident engine: models kept loaded, a bounded job queue, device workers."""

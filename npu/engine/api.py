@@ -1,0 +1,173 @@
+"""The engine's job API: what both front doors (MQTT handlers, HTTP bridge) submit and receive.
+
+A front door builds a request, calls ``Engine.submit`` with a sink, and gets a ``JobHandle``.
+The sink is called on the engine's worker thread with each ``JobEvent``; it must not block (the
+MQTT side publishes, which paho queues; the HTTP side hands the event to its asyncio loop with
+``call_soon_threadsafe``). Every accepted job gets exactly one terminal event, ``Done`` or
+``Failed``; a refused job raises ``EngineError`` from ``submit`` and gets no events.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from npu.llm.params import FinishReason, GenerationParams, Usage
+
+
+class ErrorCode(enum.StrEnum):
+    """Typed failures; each front door maps them to its own protocol (MQTT code, HTTP status)."""
+
+    BAD_REQUEST = "bad_request"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    BUSY = "busy"
+    MODEL_NOT_FOUND = "model_not_found"
+    TIMEOUT = "timeout"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    UNAVAILABLE = "unavailable"
+    DEVICE_RESET = "device_reset"
+    INTERNAL = "internal"
+
+
+class EngineError(Exception):
+    def __init__(self, code: ErrorCode, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"EngineError({self.code.value}, {self.message!r})"
+
+
+class Priority(enum.IntEnum):
+    """Lower runs first. Interactive chat outranks background work such as images."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A chat or plain completion: ``messages`` (rendered with the model's template) or ``prompt``."""
+
+    model: str | None = None
+    messages: Sequence[dict[str, Any]] | None = None
+    prompt: str | None = None
+    params: GenerationParams = field(default_factory=GenerationParams)
+    priority: Priority = Priority.NORMAL
+    deadline: float | None = None  # time.monotonic() after which a job still waiting is expired
+    enable_thinking: bool = False
+    request_id: str | None = None  # the caller's id, for logs
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give either messages or prompt")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Prompt processing advanced (``prompt_done`` of ``prompt_tokens``); no text yet."""
+
+    prompt_done: int
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of generated text, safe to show (never a partial character or stop string)."""
+
+    text: str
+    token: int | None
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str
+    model: str
+    finish_reason: FinishReason
+    usage: Usage
+    prompt_ms: float
+    generation_ms: float
+    total_ms: float
+    queued_ms: float
+
+
+@dataclass(frozen=True)
+class Done:
+    result: ChatResult
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: EngineError
+
+
+JobEvent = Progress | Delta | Done | Failed
+Sink = Callable[[JobEvent], None]
+JobStatus = Literal["queued", "running", "done", "failed"]
+
+_ids = itertools.count(1)
+
+
+class JobHandle:
+    """A submitted job: its engine id, its status, and a way to cancel it from any thread."""
+
+    def __init__(self, request: ChatRequest, sink: Sink) -> None:
+        self.id = f"job-{next(_ids)}"
+        self.request = request
+        self.sink = sink
+        self.submitted = time.monotonic()
+        self.status: JobStatus = "queued"
+        self._cancelled = threading.Event()
+        self._finished = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this job at its next step; it then ends ``Failed(cancelled)``."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the terminal event was delivered (for tests and the CLI)."""
+        return self._finished.wait(timeout)
+
+    def finish(self, event: Done | Failed) -> None:
+        """Deliver the terminal event exactly once (called by the engine)."""
+        if self._finished.is_set():
+            return
+        self.status = "done" if isinstance(event, Done) else "failed"
+        try:
+            self.sink(event)
+        finally:
+            self._finished.set()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    kind: Literal["chat", "image"]
+    loaded: bool
+    backend: str | None
+    context_length: int | None
+    max_prompt_tokens: int | None
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """What ``{base}/state`` and ``/health`` show."""
+
+    state: Literal["loading", "idle", "busy", "paused", "recovering", "failed", "stopped"]
+    queue_depth: int
+    running: int
+    queue_max: int
+    reason: str | None = None

@@ -1,0 +1,258 @@
+"""One worker thread per NPU device: it owns that device's resident models and runs jobs.
+
+Jobs advance one step at a time (a prefill chunk or a decode token), round-robin over the active
+jobs, so a long prompt or an image does not freeze another job's stream. Cancellation, the
+request timeout and the per-step watchdog are checked between steps; each is answered with a
+typed error and frees the job's KV cache slot at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from npu.engine.api import (
+    ChatResult,
+    Delta,
+    Done,
+    EngineError,
+    ErrorCode,
+    Failed,
+    JobEvent,
+    JobHandle,
+    Progress,
+)
+from npu.llm.params import GenerationResponse
+from npu.llm.runner import LLMRunner
+
+if TYPE_CHECKING:
+    from npu.engine.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+WorkerState = Literal["loading", "ready", "reloading", "recovering", "failed"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resident model as the config lists it."""
+
+    id: str
+    kind: Literal["chat", "image"]
+    path: Path
+    runtime: str = "auto"
+    preload: bool = True
+    default: bool = False
+
+
+RunnerLoader = Callable[[ModelSpec, int, int], LLMRunner]
+
+
+def load_runner(spec: ModelSpec, device_id: int, cache_slots: int) -> LLMRunner:
+    return LLMRunner.load(spec.path, backend=spec.runtime, device_id=device_id, cache_slots=cache_slots)
+
+
+@dataclass
+class WorkerJob:
+    handle: JobHandle
+    model_id: str
+    prompt_ids: list[int]
+    started: float = 0.0
+    stream: Iterator[GenerationResponse] | None = None
+    parts: list[str] = field(default_factory=list)
+
+
+class DeviceWorker(threading.Thread):
+    def __init__(
+        self,
+        device_id: int,
+        models: list[ModelSpec],
+        engine: Engine,
+        *,
+        loader: RunnerLoader | None = None,
+        max_active: int = 2,
+    ) -> None:
+        super().__init__(name=f"engine-dev{device_id}", daemon=True)
+        self.device_id = device_id
+        self.specs = [m for m in models if m.kind == "chat"]
+        self.engine = engine
+        self.loader = loader or load_runner
+        self.max_active = max_active
+        self.runners: dict[str, LLMRunner] = {}
+        self.loaded = threading.Event()
+        self.state: WorkerState = "loading"
+        self.reason: str | None = None
+        self._active: list[WorkerJob] = []
+        self._active_lock = threading.Lock()
+        self._reload: tuple[str | None, threading.Event] | None = None
+
+    # status, read from other threads ---------------------------------------------------------
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    @property
+    def accepting(self) -> bool:
+        return self.state == "ready" and self._reload is None and len(self._active) < self.max_active
+
+    def cancel(self, request_id: str) -> int:
+        with self._active_lock:
+            jobs = [j for j in self._active if j.handle.request.request_id == request_id]
+        for job in jobs:
+            job.handle.cancel()
+        return len(jobs)
+
+    def request_reload(self, model_id: str | None) -> threading.Event:
+        done = threading.Event()
+        self._reload = (model_id, done)
+        return done
+
+    # the thread ------------------------------------------------------------------------------
+    def run(self) -> None:
+        self._load([s for s in self.specs if s.preload])
+        self.loaded.set()
+        engine = self.engine
+        while not engine.stopping:
+            if self._reload is not None and not self._active:
+                self._do_reload()
+            while self.accepting:
+                job = engine.next_job(self, block=not self._active)
+                if job is None:
+                    break
+                self._start(job)
+            if not self._active:
+                if not self.accepting:
+                    time.sleep(0.05)
+                continue
+            for job in list(self._active):
+                self._step(job)
+        for job in list(self._active):
+            self._fail(job, EngineError(ErrorCode.UNAVAILABLE, "the appliance is stopping; retry later"))
+
+    def _load(self, specs: list[ModelSpec]) -> None:
+        for spec in specs:
+            started = time.monotonic()
+            try:
+                self.runners[spec.id] = self.loader(spec, self.device_id, self.max_active)
+            except Exception as exc:
+                self.reason = f"model {spec.id} failed to load: {exc}"
+                logger.error("device %d: %s", self.device_id, self.reason)
+                continue
+            logger.info("device %d: %s loaded in %.1f s", self.device_id, spec.id, time.monotonic() - started)
+        self.state = "ready"
+        self.engine.notify_state()
+
+    def _do_reload(self) -> None:
+        assert self._reload is not None
+        model_id, done = self._reload
+        self.state = "reloading"
+        self.engine.notify_state()
+        specs = [s for s in self.specs if model_id is None or s.id == model_id]
+        for spec in specs:
+            self.runners.pop(spec.id, None)
+        self.reason = None
+        self._load(specs)
+        self._reload = None
+        done.set()
+
+    def _start(self, job: WorkerJob) -> None:
+        handle = job.handle
+        now = time.monotonic()
+        if handle.cancelled:
+            self._finish(job, Failed(EngineError(ErrorCode.CANCELLED, "cancelled before it started")))
+            return
+        deadline = handle.request.deadline
+        if deadline is not None and now > deadline:
+            waited = now - handle.submitted
+            self._finish(
+                job, Failed(EngineError(ErrorCode.EXPIRED, f"waited {waited:.1f} s, past its deadline"))
+            )
+            return
+        runner = self.runners.get(job.model_id)
+        if runner is None:
+            error = EngineError(ErrorCode.UNAVAILABLE, f"model {job.model_id} is not loaded")
+            self._finish(job, Failed(error))
+            return
+        job.started = now
+        job.stream = runner.stream_generate(job.prompt_ids, handle.request.params)
+        handle.status = "running"
+        with self._active_lock:
+            self._active.append(job)
+
+    def _step(self, job: WorkerJob) -> None:
+        handle = job.handle
+        if handle.cancelled:
+            self._fail(job, EngineError(ErrorCode.CANCELLED, "cancelled"))
+            return
+        timeout = self.engine.config.request_timeout
+        if time.monotonic() - job.started > timeout:
+            self._fail(job, EngineError(ErrorCode.TIMEOUT, f"generation took longer than {timeout:g} s"))
+            return
+        assert job.stream is not None
+        started = time.monotonic()
+        try:
+            resp = next(job.stream)
+        except EngineError as exc:
+            self._fail(job, exc)
+            return
+        except StopIteration:
+            self._fail(job, EngineError(ErrorCode.INTERNAL, "generation ended without a result"))
+            return
+        except Exception as exc:
+            logger.exception("device %d: job %s failed", self.device_id, handle.id)
+            self._fail(job, EngineError(ErrorCode.INTERNAL, f"generation failed: {exc}"))
+            return
+        elapsed = time.monotonic() - started
+        if elapsed > self.engine.config.step_timeout:
+            logger.warning("device %d: a step took %.1f s (watchdog %.1f s)", self.device_id, elapsed,
+                           self.engine.config.step_timeout)
+        if resp.text:
+            job.parts.append(resp.text)
+            self._emit(handle, Delta(resp.text, resp.token))
+        elif resp.token is None and resp.finish_reason is None:
+            self._emit(handle, Progress(resp.prompt_done, resp.usage.prompt_tokens))
+        if resp.finish_reason is not None:
+            result = ChatResult(
+                text="".join(job.parts),
+                model=job.model_id,
+                finish_reason=resp.finish_reason,
+                usage=resp.usage,
+                prompt_ms=resp.prompt_ms,
+                generation_ms=resp.generation_ms,
+                total_ms=(time.monotonic() - handle.submitted) * 1e3,
+                queued_ms=(job.started - handle.submitted) * 1e3,
+            )
+            self._remove(job)
+            self.engine.record_duration(time.monotonic() - job.started)
+            self._finish(job, Done(result))
+
+    def _emit(self, handle: JobHandle, event: JobEvent) -> None:
+        try:
+            handle.sink(event)
+        except Exception:
+            logger.exception("sink of job %s failed", handle.id)
+
+    def _remove(self, job: WorkerJob) -> None:
+        with self._active_lock:
+            if job in self._active:
+                self._active.remove(job)
+
+    def _fail(self, job: WorkerJob, error: EngineError) -> None:
+        if job.stream is not None:
+            close = getattr(job.stream, "close", None)
+            if close is not None:
+                close()  # releases the KV cache slot
+        self._remove(job)
+        self._finish(job, Failed(error))
+
+    def _finish(self, job: WorkerJob, event: Done | Failed) -> None:
+        try:
+            job.handle.finish(event)
+        except Exception:
+            logger.exception("sink of job %s failed on its final event", job.handle.id)
+        self.engine.notify_state()
