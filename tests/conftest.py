@@ -38,3 +38,25 @@ def tiny_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pa
         gguf_path = write_tiny_gguf(root / arch / f"tiny-{arch}.gguf", arch)
         out[arch] = (gguf_path, convert_gguf(gguf_path, root / f"{arch}-bundle"))
     return out
+
+
+# --- MQTT front door fixtures (appliance/mqtt_link.py, handlers/) -------------------------------
+@pytest.fixture(scope="module")
+def mqtt_broker(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real Mosquitto on a free loopback port for one test module; killed at teardown."""
+    from mqtt_broker import MosquittoBroker
+
+    broker = MosquittoBroker(tmp_path_factory.mktemp("mosquitto")).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def mqtt_base_topic(request: pytest.FixtureRequest) -> str:
+    """A base topic unique to the test, so retained messages of one test never leak into another."""
+    import re
+
+    return "t_" + re.sub(r"[^A-Za-z0-9_]", "_", request.node.name)[:60]
+# --- end MQTT front door fixtures ---------------------------------------------------------------

@@ -1,0 +1,171 @@
+"""``{base}/request/chat``: a prompt in, a completion out (streamed and/or whole).
+
+The handler turns the payload into the engine's ``ChatRequest`` and returns at once; the engine's
+worker thread then calls the sink, which only publishes (paho queues; nothing blocks):
+
+- ``stream: true``: ``{id, seq, delta, done}`` on ``{base}/stream/<id>``, seq from 0, ending with
+  ``done: true`` and an empty delta (plus ``error`` when the job failed);
+- the final reply ``{id, status, data: {text, model, finish_reason, usage, ms}, error}``;
+- a plain-text copy on ``{base}/response/chat/text`` cut to ``max_bytes`` on a UTF-8 boundary for
+  microcontrollers (an error becomes ``error: <message>`` there, so they are never left waiting).
+
+Ids go into stream topics, so chat ids must be one topic level: ids with ``/``, ``+``, ``#`` or NUL
+are refused with ``bad_request``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from typing import Any
+
+from handlers.context import PENDING, HandlerContext, HandlerError, RequestMeta, default_text_bytes
+from handlers.payloads import ChatPayload
+from handlers.reply import Reply, cut_utf8
+from npu.engine.api import ChatRequest, Delta, Done, EngineError, Failed, JobEvent
+from npu.llm.params import GenerationParams
+
+logger = logging.getLogger(__name__)
+
+KIND = "chat"
+_BAD_ID_CHARS = ("/", "+", "#", "\x00")
+_PARAM_FIELDS = (
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "seed",
+)
+
+
+def build_params(req: ChatPayload) -> GenerationParams:
+    """``GenerationParams`` from the payload; fields left out keep the engine defaults."""
+    given: dict[str, Any] = {f: getattr(req, f) for f in _PARAM_FIELDS if getattr(req, f) is not None}
+    if req.stop is not None:
+        given["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+    try:
+        return GenerationParams(**given)
+    except ValueError as exc:
+        raise HandlerError("bad_request", str(exc)) from exc
+
+
+def deadline_for(req: ChatPayload, received_at: float, message_expiry: int | None,
+                 default_timeout: float | None = None) -> float | None:
+    """The earliest of MQTT 5 Message Expiry and ``timeout_s``, as a ``time.monotonic()`` value."""
+    candidates = [received_at + float(s) for s in (message_expiry, req.timeout_s) if s is not None]
+    if not candidates and default_timeout is not None:
+        candidates.append(received_at + default_timeout)
+    return min(candidates) if candidates else None
+
+
+def check_chat_id(request_id: str | int) -> None:
+    text = str(request_id)
+    if not text:
+        raise HandlerError("bad_request", "id must not be empty")
+    bad = [c for c in _BAD_ID_CHARS if c in text]
+    if bad:
+        shown = ", ".join("NUL" if c == "\x00" else repr(c) for c in bad)
+        raise HandlerError(
+            "bad_request", f"id {text[:64]!r} cannot be used in a stream topic: it contains {shown}"
+        )
+
+
+class ChatSink:
+    """Called on the engine worker with the job's events; publishes and never blocks or raises."""
+
+    def __init__(self, req: ChatPayload, ctx: HandlerContext, reply: Reply, request_id: str | int) -> None:
+        self.ctx = ctx
+        self.reply = reply
+        self.request_id = request_id
+        self.stream = req.stream
+        self.text_topic = ctx.topics.response_text(KIND)
+        self.max_bytes = req.max_bytes or default_text_bytes(self.text_topic)
+        self.stream_topic = ctx.topics.stream(str(request_id)) if req.stream else None
+        self._seq = itertools.count()
+        self._lock = threading.Lock()  # the sink may be called from a submit() that has not returned
+
+    def __call__(self, event: JobEvent) -> None:
+        try:
+            with self._lock:
+                self._handle(event)
+        except Exception:
+            logger.exception("chat sink failed for id %r", self.request_id)
+            self.reply.error("internal", "the appliance failed while answering; see its log")
+
+    def _handle(self, event: JobEvent) -> None:
+        if isinstance(event, Delta):
+            if self.stream_topic is not None and event.text:
+                self._stream(event.text, done=False)
+        elif isinstance(event, Done):
+            if self.stream_topic is not None:
+                self._stream("", done=True)
+            r = event.result
+            usage = r.usage
+            self.reply.ok({
+                "text": r.text,
+                "model": r.model,
+                "finish_reason": r.finish_reason,
+                "usage": {
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+                    "cached_tokens": usage.cached_tokens,
+                },
+                "ms": round(r.total_ms, 1),
+            })
+            self._text(r.text)
+        elif isinstance(event, Failed):
+            err = event.error
+            if self.stream_topic is not None:
+                self._stream("", done=True, error=err.code.value)
+            reply_engine_error(self.reply, err)
+            self._text(f"error: {err.message}")
+
+    def _stream(self, delta: str, *, done: bool, error: str | None = None) -> None:
+        body: dict[str, Any] = {"id": self.request_id, "seq": next(self._seq), "delta": delta, "done": done}
+        if error is not None:
+            body["error"] = error
+        assert self.stream_topic is not None
+        self.ctx.publish(self.stream_topic, body, qos=1)
+
+    def _text(self, text: str) -> None:
+        self.ctx.publish(self.text_topic, cut_utf8(text, self.max_bytes), qos=1)
+
+
+def reply_engine_error(reply: Reply, err: EngineError) -> None:
+    """The engine's typed error as an error reply; ``busy`` carries ``retry_after`` (seconds)."""
+    reply.error(err.code.value, err.message, retry_after=err.retry_after)
+
+
+def handle_chat(req: ChatPayload, ctx: HandlerContext, reply: Reply, meta: RequestMeta) -> Any:
+    """Submit the chat job; the sink completes ``reply`` later, so this returns ``PENDING``."""
+    request_id = reply.request_id
+    if request_id is None:  # the registry assigns one; direct callers must too
+        raise HandlerError("bad_request", "a chat request needs an id")
+    check_chat_id(request_id)
+    params = build_params(req)
+    deadline = deadline_for(req, meta.received_at, meta.message_expiry, ctx.limits.request_timeout)
+    if deadline is not None and deadline <= time.monotonic():
+        raise HandlerError("expired", "the request expired before it could be queued")
+    messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
+    try:
+        request = ChatRequest(
+            model=req.model,
+            messages=messages,
+            prompt=req.prompt if messages is None else None,
+            params=params,
+            deadline=deadline,
+            request_id=str(request_id),
+        )
+    except ValueError as exc:
+        raise HandlerError("bad_request", str(exc)) from exc
+    sink = ChatSink(req, ctx, reply, request_id)
+    try:
+        ctx.engine.submit(request, sink)
+    except EngineError as err:
+        if not reply.sent:
+            reply_engine_error(reply, err)
+            sink._text(f"error: {err.message}")
+        return PENDING
+    logger.debug("chat %r queued (%s)", request_id, dataclasses.asdict(params))
+    return PENDING

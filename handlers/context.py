@@ -1,0 +1,119 @@
+"""What handlers are given: one context object instead of many positional arguments.
+
+Handlers see the engine, a paho-free ``publish`` function, the topic tree and the limits. They
+never import paho; properties travel as a plain mapping (``correlation_data``, ``content_type``,
+``message_expiry``) that the MQTT link turns into MQTT 5 properties.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from npu.engine.api import ChatRequest, EngineState, JobHandle, ModelInfo, Sink
+
+logger = logging.getLogger(__name__)
+
+PUBSUBCLIENT_PACKET = 256  # Arduino PubSubClient's default buffer: the whole packet, topic included
+# Fixed header (1) + remaining length (2, since 127 < 256 - 3) + topic length (2) + packet id (2,
+# QoS 1) + 1 byte of margin for PubSubClient's own bookkeeping.
+PUBLISH_OVERHEAD = 8
+MIN_TEXT_BYTES = 16
+
+
+class PublishFn(Protocol):
+    def __call__(
+        self,
+        topic: str,
+        payload: Any,
+        qos: int = 1,
+        retain: bool = False,
+        properties: Mapping[str, Any] | None = None,
+    ) -> Any: ...
+
+
+class EngineLike(Protocol):
+    """The slice of ``npu.engine.engine.Engine`` the handlers use."""
+
+    def submit(self, request: ChatRequest, sink: Sink) -> JobHandle: ...
+    def cancel(self, request_id: str) -> int: ...
+    def state(self) -> EngineState: ...
+    def models(self) -> list[ModelInfo]: ...
+    def pause(self, reason: str = ...) -> None: ...
+    def resume(self) -> None: ...
+    def reload(self, model_id: str | None = None) -> None: ...
+
+
+class TopicsLike(Protocol):
+    base: str
+
+    def response(self, kind: str) -> str: ...
+    def response_text(self, kind: str) -> str: ...
+    def stream(self, request_id: str) -> str: ...
+    def request_kind(self, topic: str) -> str | None: ...
+    def check_reply_topic(self, topic: str) -> str | None: ...
+
+
+def default_text_bytes(topic: str, packet: int = PUBSUBCLIENT_PACKET) -> int:
+    """Largest plain-text payload that, on ``topic``, fits one PubSubClient packet.
+
+    ``packet - 8 - len(topic)``: for ``appliance/response/chat/text`` (28 bytes) that is 220.
+    """
+    return max(MIN_TEXT_BYTES, packet - PUBLISH_OVERHEAD - len(topic.encode("utf-8")))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Front-door limits.
+
+    Args:
+        max_payload: inbound payloads above this many bytes are refused unparsed.
+        request_timeout: default relative deadline (s) for chat jobs without one; None = engine's.
+        reply_retain: never retain replies (kept as a knob for tests).
+    """
+
+    max_payload: int = 256 * 1024
+    request_timeout: float | None = None
+    reply_retain: bool = False
+
+
+@dataclass(frozen=True)
+class HandlerContext:
+    engine: EngineLike
+    publish: PublishFn
+    topics: TopicsLike
+    limits: Limits = Limits()
+
+
+class HandlerError(Exception):
+    """A typed failure a handler raises; the wrapper turns it into an error reply."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+@dataclass(frozen=True)
+class RequestMeta:
+    """Transport facts about one request that handlers may need (no paho objects)."""
+
+    kind: str
+    received_at: float  # time.monotonic() at receipt
+    message_expiry: int | None = None  # MQTT 5 Message Expiry Interval left, seconds
+
+
+class _Pending:
+    """Returned by a handler that will complete its ``Reply`` later (from another thread)."""
+
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING = _Pending()
+
+# handle_<op>(request, ctx, reply, meta) -> data dict | PENDING; raises HandlerError
+Handler = Callable[..., Any]

@@ -1,0 +1,207 @@
+"""Op name -> handler, built once, and the dispatcher that runs every request through one wrapper.
+
+The wrapper is where the "exactly one final reply" promise is kept: it routes the reply, parses
+and validates the payload, calls the handler, and turns every outcome (data, ``HandlerError``,
+``EngineError``, any other exception) into one ``{id, status, data, error}`` message. Handlers that
+answer later (chat, reload) return ``PENDING`` and complete the same ``Reply`` object, which sends
+at most once.
+
+The dispatcher is one thread fed by the queue the MQTT link fills; handlers only submit to the
+engine (fast) or start a short-lived thread, so one slow request never stalls the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from handlers.chat import handle_chat
+from handlers.context import PENDING, Handler, HandlerContext, HandlerError, RequestMeta
+from handlers.control import handle_cancel, handle_health_check, handle_pause, handle_reload, handle_resume
+from handlers.payloads import (
+    CancelPayload,
+    ChatPayload,
+    HealthPayload,
+    PausePayload,
+    PayloadError,
+    ReloadPayload,
+    ResumePayload,
+    decode_payload,
+    usable_id,
+    validate_payload,
+)
+from handlers.reply import Reply, route_reply
+from npu.engine.api import EngineError
+
+logger = logging.getLogger(__name__)
+
+
+class InboundLike(Protocol):
+    """``appliance.mqtt_link.InboundMessage`` as the handlers see it (they never import paho)."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None
+    correlation_data: bytes | None
+    message_expiry: int | None
+    received_at: float
+    qos: int
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    """One request kind.
+
+    Args:
+        payload: the pydantic model the payload is validated against.
+        handler: ``handle_<op>(request, ctx, reply, meta)``.
+        text_field: the field a plain-text payload fills (None: plain text means "no fields").
+        assign_id: give requests without an id a generated one (echoed in the reply).
+    """
+
+    op: str
+    payload: type[BaseModel]
+    handler: Handler
+    text_field: str | None = None
+    assign_id: bool = False
+
+
+def build_registry() -> dict[str, HandlerSpec]:
+    """The request kinds this appliance answers on ``{base}/request/<op>``."""
+    specs = [
+        HandlerSpec("chat", ChatPayload, handle_chat, text_field="prompt", assign_id=True),
+        HandlerSpec("cancel", CancelPayload, handle_cancel, text_field="id"),
+        HandlerSpec("health_check", HealthPayload, handle_health_check),
+        HandlerSpec("pause", PausePayload, handle_pause, text_field="reason"),
+        HandlerSpec("resume", ResumePayload, handle_resume),
+        HandlerSpec("reload", ReloadPayload, handle_reload, text_field="model"),
+    ]
+    return {spec.op: spec for spec in specs}
+
+
+def dispatch(msg: InboundLike, ctx: HandlerContext, registry: Mapping[str, HandlerSpec]) -> Reply | None:
+    """Run one inbound message through the wrapper; returns its ``Reply`` (None: not a request).
+
+    Never raises: every failure becomes the request's error reply.
+    """
+    kind = ctx.topics.request_kind(msg.topic)
+    if kind is None:
+        logger.warning("ignoring a message on %r: not a request topic", msg.topic)
+        return None
+    payload = bytes(msg.payload)
+    limit = ctx.limits.max_payload
+    if len(payload) > limit:
+        route = route_reply(ctx.topics, kind, msg.response_topic, msg.correlation_data)
+        reply = Reply(ctx.publish, route, None)
+        reply.error("payload_too_large", f"payload is {len(payload)} bytes; the limit is {limit}")
+        return reply
+    try:
+        obj = decode_payload(payload)
+    except PayloadError as exc:
+        route = route_reply(ctx.topics, kind, msg.response_topic, msg.correlation_data)
+        reply = Reply(ctx.publish, route, None)
+        reply.error(exc.code, _with_refusal(exc.message, route.refused))
+        return reply
+    reply_to = obj.get("reply_to") if isinstance(obj, dict) else None
+    route = route_reply(ctx.topics, kind, msg.response_topic, msg.correlation_data, reply_to)
+    reply = Reply(ctx.publish, route, usable_id(obj))
+    if route.refused is not None:
+        reply.error("bad_request", route.refused)
+        return reply
+    spec = registry.get(kind)
+    if spec is None:
+        known = ", ".join(sorted(registry))
+        reply.error("unknown_op", f"no request kind {kind!r} here; known: {known}")
+        return reply
+    meta = RequestMeta(kind=kind, received_at=msg.received_at, message_expiry=msg.message_expiry)
+    try:
+        request = validate_payload(spec.payload, obj, spec.text_field)
+        if reply.request_id is None and spec.assign_id:
+            reply.request_id = f"{kind}-{uuid.uuid4().hex[:12]}"
+        result = spec.handler(request, ctx, reply, meta)
+        if result is not PENDING and not reply.sent:
+            reply.ok(_as_data(result))
+    except PayloadError as exc:
+        reply.error(exc.code, exc.message)
+    except HandlerError as exc:
+        reply.error(exc.code, exc.message, **exc.extra)
+    except EngineError as exc:
+        reply.error(exc.code.value, exc.message, retry_after=exc.retry_after)
+    except Exception:
+        logger.exception("handler %r failed on id %r", kind, reply.request_id)
+        reply.error("internal", f"the {kind} handler failed; see the appliance log")
+    return reply
+
+
+def _as_data(result: Any) -> dict[str, Any]:
+    if result is None:
+        return {}
+    if isinstance(result, BaseModel):
+        return result.model_dump(mode="json")
+    if isinstance(result, dict):
+        return result
+    return {"result": result}
+
+
+def _with_refusal(message: str, refused: str | None) -> str:
+    return message if refused is None else f"{message}; also {refused}"
+
+
+_STOP = object()
+
+
+class Dispatcher:
+    """One thread that takes inbound messages off ``inbound`` and dispatches them in order.
+
+    Args:
+        inbound: the queue the MQTT link fills.
+        ctx: collaborators for the handlers.
+        registry: op -> handler; ``build_registry()`` when omitted.
+    """
+
+    def __init__(
+        self,
+        inbound: queue.Queue[Any],
+        ctx: HandlerContext,
+        registry: Mapping[str, HandlerSpec] | None = None,
+    ) -> None:
+        self.inbound = inbound
+        self.ctx = ctx
+        self.registry = dict(registry) if registry is not None else build_registry()
+        self._thread: threading.Thread | None = None
+
+    def handle(self, msg: InboundLike) -> Reply | None:
+        """Dispatch one message on the caller's thread (the loop uses this; so do tests)."""
+        try:
+            return dispatch(msg, self.ctx, self.registry)
+        except Exception:  # dispatch never raises; belt and braces for the loop
+            logger.exception("dispatch failed on %r", getattr(msg, "topic", "?"))
+            return None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="mqtt-dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Let the messages already queued be dispatched, then end the thread."""
+        if self._thread is None:
+            return
+        self.inbound.put(_STOP)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            msg = self.inbound.get()
+            if msg is _STOP:
+                return
+            self.handle(msg)
