@@ -147,12 +147,16 @@ def handle_chat(req: ChatPayload, ctx: HandlerContext, reply: Reply, meta: Reque
     deadline = deadline_for(req, meta.received_at, meta.message_expiry, ctx.limits.request_timeout)
     if deadline is not None and deadline <= time.monotonic():
         raise HandlerError("expired", "the request expired before it could be queued")
-    messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
+    # A bare prompt (a sensor's or an Arduino's text) is one user turn of a chat: instruct models
+    # answer it properly only through their chat template.
+    if req.messages is not None:
+        messages = [m.model_dump() for m in req.messages]
+    else:
+        messages = [{"role": "user", "content": req.prompt or ""}]
     try:
         request = ChatRequest(
             model=req.model,
             messages=messages,
-            prompt=req.prompt if messages is None else None,
             params=params,
             deadline=deadline,
             request_id=str(request_id),

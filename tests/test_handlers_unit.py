@@ -267,7 +267,7 @@ def test_chat_stream_reply_and_text_copy(mode: str) -> None:
     assert stream[-1] == {"id": "q1", "seq": 2, "delta": "", "done": True}
     assert rec.on("appliance/response/chat/text") == ["hél".encode()]  # 4 bytes -> 'hé' + 'l'
     req = engine.submitted[0]
-    assert req.request_id == "q1" and req.prompt == "hi"
+    assert req.request_id == "q1" and req.messages == [{"role": "user", "content": "hi"}]
     assert req.params.seed == 3 and req.params.stop == ("x",)
 
 

@@ -1,0 +1,137 @@
+"""The resident process: start the pieces in order, stop them in reverse.
+
+Start: engine (models loaded) -> request dispatcher -> MQTT link (online, info, state). Stop
+(SIGTERM, SIGINT): the engine answers every waiting job, the dispatcher drains, and the link
+publishes ``stopped`` before disconnecting. One stop event is shared by the main loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from appliance.config import ApplianceConfig
+from appliance.mqtt_link import InboundMessage, MqttLink
+from appliance.topics import Topics
+from handlers.context import HandlerContext, Limits
+from handlers.registry import Dispatcher
+from npu.engine.api import EngineState
+from npu.engine.engine import Engine, EngineConfig
+from npu.engine.worker import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+
+def app_version() -> str:
+    try:
+        return version("appliance")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+def model_specs(config: ApplianceConfig) -> list[ModelSpec]:
+    return [
+        ModelSpec(m.id, m.kind, config.model_path(m), runtime=m.runtime, preload=m.preload, default=m.default)
+        for m in config.models
+    ]
+
+
+class Appliance:
+    """The wired process; ``start()`` and ``stop()`` read as ordered lists of steps."""
+
+    def __init__(self, config: ApplianceConfig) -> None:
+        self.config = config
+        self.topics = Topics(config.mqtt.base_topic, config.mqtt.shared_group)
+        self.stop_event = threading.Event()
+        self.started_at = time.time()
+        self.engine = Engine(
+            model_specs(config),
+            config=EngineConfig(
+                queue_max=config.engine.queue_max,
+                request_timeout=config.engine.request_timeout,
+                step_timeout=config.engine.step_timeout,
+                max_active=config.engine.max_active,
+            ),
+            device_ids=config.device.ids,
+        )
+        self.inbound: queue.Queue[InboundMessage] = queue.Queue()
+        self.link = MqttLink(
+            config.mqtt, self.inbound, topics=self.topics, on_connected=self.publish_retained
+        )
+        context = HandlerContext(
+            self.engine, self.link.publish, self.topics, Limits(max_payload=config.mqtt.max_payload)
+        )
+        self.dispatcher = Dispatcher(self.inbound, context)
+
+    def start(self) -> None:
+        logger.info("appliance %s starting (base topic %r)", app_version(), self.topics.base)
+        self.engine.add_state_listener(self.publish_state)
+        self.engine.start(wait_loaded=False)
+        self.dispatcher.start()
+        self.link.start()
+        threading.Thread(target=self._announce_loaded, name="announce", daemon=True).start()
+
+    def stop(self) -> None:
+        logger.info("appliance stopping")
+        self.engine.stop()
+        self.dispatcher.stop()
+        self.link.stop("stopped")
+
+    def _announce_loaded(self) -> None:
+        for worker in self.engine.workers:
+            worker.loaded.wait()
+        self.publish_retained()
+        for model in self.engine.models():
+            self.event(
+                "model_loaded" if model.loaded else "model_failed", model=model.id, backend=model.backend
+            )
+
+    # retained state ---------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        http = self.config.http
+        return {
+            "version": app_version(),
+            "base_topic": self.topics.base,
+            "models": [asdict(m) for m in self.engine.models()],
+            "device": {"backend": self.config.device.backend, "ids": self.config.device.ids},
+            "limits": {
+                "queue_max": self.config.engine.queue_max,
+                "request_timeout": self.config.engine.request_timeout,
+                "max_payload": self.config.mqtt.max_payload,
+            },
+            "http": f"http://{http.host}:{http.port}/v1" if http.enabled else None,
+            "started": int(self.started_at),
+        }
+
+    def publish_retained(self) -> None:
+        self.link.publish(self.topics.info, json.dumps(self.info()), qos=1, retain=True)
+        self.publish_state(self.engine.state())
+
+    def publish_state(self, state: EngineState) -> None:
+        payload = {**asdict(state), "ts": round(time.time(), 3)}
+        self.link.publish(self.topics.state, json.dumps(payload), qos=1, retain=True)
+
+    def event(self, name: str, **fields: Any) -> None:
+        payload = {"event": name, "ts": round(time.time(), 3), **fields}
+        self.link.publish(self.topics.event, json.dumps(payload), qos=1, retain=False)
+
+
+def run(config: ApplianceConfig) -> int:
+    """Run until SIGTERM or SIGINT."""
+    app = Appliance(config)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: app.stop_event.set())
+    app.start()
+    try:
+        while not app.stop_event.wait(1.0):
+            pass
+    finally:
+        app.stop()
+    return 0

