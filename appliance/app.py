@@ -1,8 +1,10 @@
 """The resident process: start the pieces in order, stop them in reverse.
 
-Start: engine (models loaded) -> request dispatcher -> MQTT link (online, info, state). Stop
-(SIGTERM, SIGINT): the engine answers every waiting job, the dispatcher drains, and the link
-publishes ``stopped`` before disconnecting. One stop event is shared by the main loop.
+Start: MQTT link (online, info, state ``loading``) -> engine (models loading) -> request
+dispatcher, once the models are loaded. Requests that arrive meanwhile, including prompts the
+broker kept while the appliance was down, wait in the inbound queue instead of being refused.
+Stop (SIGTERM, SIGINT): the engine answers every waiting job, the dispatcher drains, and the
+link publishes ``stopped`` before disconnecting. One stop event is shared by the main loop.
 """
 
 from __future__ import annotations
@@ -72,21 +74,25 @@ class Appliance:
 
     def start(self) -> None:
         logger.info("appliance %s starting (base topic %r)", app_version(), self.topics.base)
+        self.link.start()
         self.engine.add_state_listener(self.publish_state)
         self.engine.start(wait_loaded=False)
-        self.dispatcher.start()
-        self.link.start()
-        threading.Thread(target=self._announce_loaded, name="announce", daemon=True).start()
+        self._ready = threading.Thread(target=self._when_loaded, name="when-loaded", daemon=True)
+        self._ready.start()
 
     def stop(self) -> None:
         logger.info("appliance stopping")
+        self.stop_event.set()
         self.engine.stop()
         self.dispatcher.stop()
         self.link.stop("stopped")
 
-    def _announce_loaded(self) -> None:
+    def _when_loaded(self) -> None:
         for worker in self.engine.workers:
-            worker.loaded.wait()
+            while not worker.loaded.wait(0.5):
+                if self.stop_event.is_set():
+                    return
+        self.dispatcher.start()
         self.publish_retained()
         for model in self.engine.models():
             self.event(

@@ -1,4 +1,8 @@
-"""The ``appliance`` command line (a stable contract: docs, scripts and users rely on these names)."""
+"""The ``appliance`` command line (a stable contract: docs, scripts and users rely on these names).
+
+Heavy imports (numpy, ONNX Runtime, the converter) happen inside the command that needs them, so
+``appliance --help`` and ``appliance check`` answer at once.
+"""
 
 from __future__ import annotations
 
@@ -6,53 +10,84 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-DEMO_PROMPT = "In two sentences, what could an art installation do with a small language model?"
+LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+BITS_HELP = "4 for 4-bit weights (default: full precision)"
+
+# What a user can cause (a missing bundle, a prompt too long, a bad parameter): one line, exit 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError)
+EXIT_USER_ERROR = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="appliance", description="Resident generative-AI engine")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="the resident engine: models, MQTT, HTTP, scheduler")
-    run.add_argument(
-        "-c", "--config", type=Path, default=None, help="config file (default: ./appliance.yaml)"
+    # --log-level works before or after the subcommand; SUPPRESS keeps a later default from
+    # overwriting an earlier explicit value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level", choices=LOG_LEVELS, type=str.upper, default=argparse.SUPPRESS,
+        help="logging threshold (default INFO)",
     )
+    parser = argparse.ArgumentParser(
+        prog="appliance", parents=[common],
+        description="Resident generative-AI engine for interactive installations (AXERA NPU or CPU twin).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    chat = sub.add_parser("chat", help="one completion from a model bundle, streamed")
-    chat.add_argument("--model", type=Path, required=True, help="bundle folder")
-    chat.add_argument("--system", default=None, help="system prompt")
-    chat.add_argument("--temperature", type=float, default=0.7)
-    chat.add_argument("--max-tokens", type=int, default=256)
-    chat.add_argument("--top-p", type=float, default=1.0)
-    chat.add_argument("--top-k", type=int, default=0)
-    chat.add_argument("--seed", type=int, default=None)
+    run = sub.add_parser("run", parents=[common], help="the resident engine: models, MQTT")
+    _add_config_option(run)
+    run.set_defaults(func=cmd_run)
+
+    chat = sub.add_parser("chat", parents=[common], help="one completion from a model bundle, streamed")
+    chat.add_argument("--model", type=Path, required=True, metavar="DIR", help="bundle folder")
+    chat.add_argument("--system", default=None, metavar="S", help="system prompt")
+    chat.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 is greedy (default 0.7)")
+    chat.add_argument("--max-tokens", type=int, default=256, metavar="N", help="default 256")
+    chat.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (1: off)")
+    chat.add_argument("--top-k", type=int, default=0, metavar="K", help="top-k sampling (0: off)")
+    chat.add_argument("--seed", type=int, default=None, metavar="N", help="reproducible sampling")
     chat.add_argument("--backend", default="auto", choices=["auto", "onnx", "axengine"])
-    chat.add_argument("--device-id", type=int, default=0)
-    chat.add_argument("prompt")
+    chat.add_argument("--device-id", type=int, default=0, metavar="N", help="NPU device (default 0)")
+    chat.add_argument("prompt", metavar="PROMPT")
+    chat.set_defaults(func=cmd_chat)
 
-    models = sub.add_parser("models", help="install and convert models")
-    models_sub = models.add_subparsers(dest="models_command", required=True)
-    demo = models_sub.add_parser("demo", help="install and convert the demo model into models/")
-    demo.add_argument("--models-dir", type=Path, default=Path("models"))
-    demo.add_argument("--bits", type=int, choices=[4], default=None, help="4-bit weights")
-    convert = models_sub.add_parser("convert", help="GGUF -> bundle")
-    convert.add_argument("src", type=Path)
-    convert.add_argument("dest", type=Path)
-    convert.add_argument("--bits", type=int, choices=[4], default=None, help="4-bit weights")
-    convert.add_argument("--kv-cache-len", type=int, default=2047)
+    models = sub.add_parser("models", parents=[common], help="install and convert models")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    demo = models_sub.add_parser(
+        "demo", parents=[common], help="install + convert the demo model (SmolLM2-135M-Instruct) into models/"
+    )
+    demo.add_argument("--models-dir", type=Path, default=Path("models"), metavar="DIR", help="models/")
+    demo.add_argument("--bits", type=int, choices=[4], default=None, help=BITS_HELP)
+    demo.set_defaults(func=cmd_models_demo)
+    convert = models_sub.add_parser("convert", parents=[common], help="GGUF -> bundle")
+    convert.add_argument("src", type=Path, metavar="SRC", help="a llama/qwen2/qwen3 GGUF file")
+    convert.add_argument("dest", type=Path, metavar="DEST", help="the bundle folder to write")
+    convert.add_argument("--bits", type=int, choices=[4], default=None, help=BITS_HELP)
+    convert.add_argument(
+        "--kv-cache-len", type=int, default=None, metavar="N", help="KV cache rows (default: the converter's)"
+    )
     convert.add_argument("--force", action="store_true", help="replace an existing bundle")
+    convert.set_defaults(func=cmd_models_convert)
 
-    check = sub.add_parser("check", help="validate the config and the models it lists")
-    check.add_argument("-c", "--config", type=Path, default=None)
+    check = sub.add_parser("check", parents=[common], help="validate the config and the models it lists")
+    _add_config_option(check)
+    check.set_defaults(func=cmd_check)
     return parser
 
 
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c", "--config", type=Path, default=None, metavar="FILE",
+        help="config file (default: ./appliance.yaml if present, else built-in defaults)",
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    """The resident process, until SIGTERM or SIGINT."""
     from appliance.app import run
     from appliance.config import load_config
 
@@ -60,87 +95,125 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    """One completion streamed to stdout; a summary line on stderr."""
     from npu.llm.params import GenerationParams
     from npu.llm.runner import LLMRunner
 
     params = GenerationParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed,
     )
     runner = LLMRunner.load(args.model, backend=args.backend, device_id=args.device_id)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     last = None
+    ends_with_newline = True
     for last in runner.stream_chat(messages, params):
-        sys.stdout.write(last.text)
+        if last.text:
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+            ends_with_newline = last.text.endswith("\n")
+    if not ends_with_newline:
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
     if last is not None:
         u = last.usage
         print(
-            f"[{u.prompt_tokens} prompt tokens ({u.cached_tokens} cached), {u.completion_tokens} generated, "
-            f"finish: {last.finish_reason}, first token {last.prompt_ms:.0f} ms, "
+            f"[{u.prompt_tokens} prompt tokens ({u.cached_tokens} cached), {u.completion_tokens} completion "
+            f"tokens, finish: {last.finish_reason}, first token {last.prompt_ms:.0f} ms, "
             f"{last.generation_tps:.1f} tokens/s, {runner.backend}]",
             file=sys.stderr,
         )
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    if args.models_command == "demo":
-        from appliance.demo_model import ensure_demo_model
+def cmd_models_demo(args: argparse.Namespace) -> int:
+    from appliance.demo_model import ensure_demo_model
 
-        print(ensure_demo_model(args.models_dir, bits=args.bits))
-        return 0
+    print(ensure_demo_model(args.models_dir, bits=args.bits))
+    return 0
+
+
+def cmd_models_convert(args: argparse.Namespace) -> int:
     from npu.convert import convert_gguf
 
+    if args.dest.exists() and not args.force:
+        raise FileExistsError(f"{args.dest} already exists; pass --force to replace it")
+    extra = {} if args.kv_cache_len is None else {"kv_cache_len": args.kv_cache_len}
     started = time.monotonic()
-    out = convert_gguf(
-        args.src, args.dest, bits=args.bits, kv_cache_len=args.kv_cache_len, overwrite=args.force
-    )
+    out = convert_gguf(Path(args.src), Path(args.dest), bits=args.bits, overwrite=args.force, **extra)
     print(f"{out} ({time.monotonic() - started:.1f} s)")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from appliance.config import load_config
+    """Validate the config and print what it says; exit 1 when something is wrong."""
+    from appliance.config import DEFAULT_FILE, ConfigError, load_config
 
-    config = load_config(args.config)
-    ok = True
-    print(f"config: {(args.config or Path('appliance.yaml'))} (valid)")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    source = args.config or (Path(DEFAULT_FILE) if Path(DEFAULT_FILE).is_file() else None)
+    print(f"config     {source.resolve() if source else 'built-in defaults (no ./appliance.yaml)'}: valid")
+    m, h, e = config.mqtt, config.http, config.engine
     print(
-        f"mqtt: {config.mqtt.host}:{config.mqtt.port} base topic {config.mqtt.base_topic!r}, "
-        f"MQTT {'5' if config.mqtt.protocol == 5 else '3.1.1'}, client id {config.mqtt.client_id}"
+        f"mqtt       {m.host}:{m.port}, base topic {m.base_topic!r}, client id {m.client_id!r}, "
+        f"MQTT {'5' if m.protocol == 5 else '3.1.1'}, TLS {'on' if m.tls.enabled else 'off'}, "
+        f"{'user ' + repr(m.username) if m.username else 'anonymous'}"
+        f"{', shared group ' + repr(m.shared_group) if m.shared_group else ''}"
     )
-    print(f"http: {'on ' + config.http.host + ':' + str(config.http.port) if config.http.enabled else 'off'}")
-    print(f"device: {config.device.backend}, ids {config.device.ids}")
-    if not config.models:
-        print("models: none listed")
-        ok = False
+    print(
+        f"http       {f'{h.host}:{h.port}' if h.enabled else 'off'}"
+        f"{', API key set' if h.api_key else ', no API key' if h.enabled else ''}"
+    )
+    print(f"device     backend {config.device.backend}, ids {config.device.ids}")
+    print(
+        f"engine     queue {e.queue_max}, request timeout {e.request_timeout:g} s, "
+        f"step timeout {e.step_timeout:g} s, {e.max_active} active per device"
+    )
+    print(f"telemetry  every {config.telemetry.interval:g} s")
+    ok = True
     for model in config.models:
         path = config.model_path(model)
-        state = "ok" if (path / "config.json").is_file() else "MISSING (no config.json)"
-        ok &= state == "ok"
-        print(f"model {model.id} ({model.kind}, runtime {model.runtime}): {path} {state}")
+        if not path.is_dir():
+            state, ok = "MISSING (no such folder)", False
+        elif not (path / "config.json").is_file():
+            state, ok = "NOT A BUNDLE (no config.json)", False
+        else:
+            state = "ok"
+        flags = "".join([", default" if model.default else "", "" if model.preload else ", not preloaded"])
+        print(f"model      {model.id} ({model.kind}, runtime {model.runtime}{flags}): {path}: {state}")
+    if not ok:
+        print("some models are missing; 'appliance models demo' creates the demo one", file=sys.stderr)
     return 0 if ok else 1
 
 
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or "error"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Entry point of ``appliance`` and ``python -m appliance``; returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"), format=LOG_FORMAT, datefmt="%H:%M:%S")
     from appliance.config import ConfigError
 
-    commands = {"run": cmd_run, "chat": cmd_chat, "models": cmd_models, "check": cmd_check}
+    func: Callable[[argparse.Namespace], int] = args.func
+    name = " ".join(filter(None, (args.command, getattr(args, "models_command", None))))
     try:
-        return commands[args.command](args)
+        return func(args)
     except ConfigError as exc:
-        print(f"appliance: {exc}", file=sys.stderr)
+        print(f"appliance {name}: {exc}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
-        print(f"appliance: {exc}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        logger.debug("%s failed", name, exc_info=True)
+        print(f"appliance {name}: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 130

@@ -1,16 +1,23 @@
 """The appliance's configuration: one YAML file, validated, with environment overrides.
 
 Every section forbids unknown keys, so a typo is an error naming the key and the allowed ones,
-not a silently ignored setting discovered weeks later in a gallery.
+not a silently ignored setting discovered weeks later in a gallery. Every field has a default, so
+an empty file (or none at all) is the demo configuration of ``appliance.yaml``.
+
+Model paths: ``ModelConfig.path`` keeps the value as written; ``ApplianceConfig.model_path(m)``
+resolves a relative one against the folder of the config file ``load_config`` read (the working
+folder when no file was read).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -23,136 +30,227 @@ from pydantic import (
     model_validator,
 )
 
+logger = logging.getLogger(__name__)
+
 ENV_PREFIX = "APPLIANCE_"
 DEFAULT_FILE = "appliance.yaml"
-_TOPIC_BAD = re.compile(r"[+#\x00]")
+DEMO_MODEL_ID = "smollm2-135m-instruct"
+_WILDCARDS = re.compile(r"[+#\x00]")
+_NOT_ONE_LEVEL = re.compile(r"[/+#\x00]")
 
 
 class ConfigError(Exception):
-    """A config that cannot be used; the message names every bad key by its dotted path."""
+    """A config that cannot be used; the message names every bad key by its dotted path.
+
+    ``problems`` holds one line per bad key (``mqtt.port: ...``), without the header.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class BaseConfig(BaseModel):
+    """Base of every section: unknown keys are errors, defaults are validated too."""
+
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+# --- mqtt ---------------------------------------------------------------------------------------
 class TlsConfig(BaseConfig):
-    enabled: bool = Field(False, description="Connect to the broker over TLS")
-    ca_certs: str | None = Field(None, description="CA bundle that signed the broker's certificate")
-    certfile: str | None = Field(None, description="Client certificate (mutual TLS)")
-    keyfile: str | None = Field(None, description="Client private key (mutual TLS)")
-    insecure: bool = Field(False, description="Skip hostname verification (self-signed gallery setups)")
+    enabled: bool = Field(False, description="Connect to the broker over TLS (port 8883 usually)")
+    ca_certs: str | None = Field(
+        None, description="CA bundle that signed the broker's certificate (None: the system's)"
+    )
+    certfile: str | None = Field(None, description="Client certificate, for mutual TLS")
+    keyfile: str | None = Field(None, description="Client private key, for mutual TLS")
+    insecure: bool = Field(
+        False, description="Skip the broker hostname check (self-signed bench setups only)"
+    )
+
+    @model_validator(mode="after")
+    def _keyfile_needs_certfile(self) -> TlsConfig:
+        if self.keyfile and not self.certfile:
+            raise ValueError("keyfile is set but certfile is not; mutual TLS needs both")
+        return self
 
 
 class MqttConfig(BaseConfig):
-    host: str = Field("127.0.0.1", min_length=1, description="Broker host name or address")
+    host: str = Field("127.0.0.1", min_length=1, max_length=253, description="Broker host name or address")
     port: int = Field(1883, ge=1, le=65535, description="Broker port")
     base_topic: str = Field(
-        "appliance", min_length=1, max_length=200, description="Prefix of every topic; unique per appliance"
+        "appliance",
+        min_length=1,
+        max_length=200,
+        description="Prefix of every topic, one or more levels ('gallery/room1'); unique per appliance",
     )
     client_id: str | None = Field(
-        None, max_length=128, description="Fixed client id (persistent session); default from base_topic"
+        None,
+        min_length=1,
+        max_length=128,
+        description="Fixed client id (keeps the persistent session); None derives appliance-<base_topic>",
     )
-    protocol: Literal[5, 311] = Field(5, description="MQTT protocol version: 5 or 311 (3.1.1)")
-    username: str | None = Field(None, description="Broker user")
-    password: str | None = Field(None, description="Broker password")
-    tls: TlsConfig = Field(default_factory=TlsConfig)
+    protocol: Literal[5, 311] = Field(5, description="MQTT protocol version: 5, or 311 for 3.1.1")
+    username: str | None = Field(None, max_length=256, description="Broker user (None: anonymous)")
+    password: str | None = Field(None, max_length=256, description="Broker password")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS to the broker")
     shared_group: str | None = Field(
-        None, description="Share request topics among appliances ($share/<group>/...)"
+        None,
+        min_length=1,
+        max_length=64,
+        description="Share request topics among appliances as $share/<group>/... (None: not shared)",
     )
     session_expiry: int = Field(
-        86400, ge=0, le=2**32 - 1, description="Seconds the broker keeps the session (and queued prompts)"
+        86400,
+        ge=0,
+        le=2**32 - 1,
+        description="Seconds the broker keeps the session, and prompts queued for it, while offline",
     )
-    keepalive: int = Field(30, ge=5, le=3600, description="MQTT keepalive in seconds")
+    keepalive: int = Field(30, ge=5, le=3600, description="MQTT keepalive, seconds")
     max_payload: int = Field(
         65536, ge=1024, le=16 * 2**20, description="Largest request payload accepted, bytes"
     )
 
     @field_validator("base_topic")
     @classmethod
-    def _topic_levels(cls, value: str) -> str:
-        if _TOPIC_BAD.search(value) or value.startswith(("/", "$")) or value.endswith("/") or "//" in value:
-            raise ValueError(
-                "must be plain topic levels: no + # NUL, no leading $ or /, no trailing or empty level"
-            )
+    def _base_topic_no_wildcards(cls, value: str) -> str:
+        if _WILDCARDS.search(value):
+            raise ValueError("must not contain the wildcards + or # (or NUL)")
+        return value
+
+    @field_validator("base_topic")
+    @classmethod
+    def _base_topic_no_empty_level(cls, value: str) -> str:
+        if value.startswith("/") or value.endswith("/") or "//" in value:
+            raise ValueError("must not start or end with / nor contain an empty level (//)")
+        return value
+
+    @field_validator("base_topic")
+    @classmethod
+    def _base_topic_not_system(cls, value: str) -> str:
+        if value.startswith("$"):
+            raise ValueError("must not start with $ (reserved for the broker, e.g. $SYS)")
         return value
 
     @field_validator("shared_group")
     @classmethod
-    def _group_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value or re.search(r"[/+#\x00]", value)):
-            raise ValueError("must be a non-empty name without / + #")
+    def _group_is_one_level(cls, value: str | None) -> str | None:
+        if value is not None and _NOT_ONE_LEVEL.search(value):
+            raise ValueError("must be a plain name without / + #")
         return value
 
     @model_validator(mode="after")
     def _default_client_id(self) -> MqttConfig:
-        if not self.client_id:
-            self.client_id = "appliance-" + self.base_topic.replace("/", "-")
+        if self.client_id is None:
+            self.client_id = "appliance-" + re.sub(r"[^A-Za-z0-9_-]", "-", self.base_topic)
         return self
 
 
+# --- http, device, engine, telemetry ------------------------------------------------------------
 class HttpConfig(BaseConfig):
     enabled: bool = Field(True, description="Serve the OpenAI-compatible HTTP bridge")
-    host: str = Field("0.0.0.0", description="Address to listen on")
+    host: str = Field("0.0.0.0", min_length=1, description="Address to listen on (0.0.0.0: every interface)")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on")
-    api_key: str | None = Field(None, description="Bearer token required on /v1/* (None: open)")
+    api_key: str | None = Field(
+        None, min_length=1, max_length=256, description="Bearer token required on /v1/* (None: open)"
+    )
     max_n: int = Field(4, ge=1, le=16, description="Largest 'n' (choices per request) accepted")
 
 
 class DeviceConfig(BaseConfig):
-    backend: Literal["auto", "axcl", "smi", "host", "sim"] = Field("auto", description="Device monitor")
-    ids: list[int] = Field(default_factory=lambda: [0], min_length=1, description="NPU device indices")
+    backend: Literal["auto", "axcl", "smi", "host", "sim"] = Field(
+        "auto",
+        description="Device monitor: axcl (pyaxcl), smi (axcl-smi), host (no NPU), sim (simulated); "
+        "auto picks axcl, then smi, then host",
+    )
+    ids: list[Annotated[int, Field(ge=0, le=255)]] = Field(
+        default_factory=lambda: [0], min_length=1, description="NPU device indices; one worker each"
+    )
 
     @field_validator("ids")
     @classmethod
-    def _unique_ids(cls, value: list[int]) -> list[int]:
-        if len(set(value)) != len(value) or any(i < 0 for i in value):
-            raise ValueError("device ids must be unique and non-negative")
+    def _ids_unique(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"device ids must be unique, got {value}")
         return value
 
 
-class EngineSettings(BaseConfig):
+class EngineSectionConfig(BaseConfig):
+    """The ``engine`` section (``npu.engine.EngineConfig`` is built from it)."""
+
     queue_max: int = Field(32, ge=1, le=10000, description="Jobs that may wait; more are refused 'busy'")
-    request_timeout: float = Field(120.0, gt=0, le=3600, description="Longest a job may run, seconds")
-    step_timeout: float = Field(
-        30.0, gt=0, le=600, description="Watchdog: longest one step may take, seconds"
+    request_timeout: float = Field(
+        120.0, gt=0, le=3600, description="Longest a job may take from submission to its end, seconds"
     )
-    max_active: int = Field(2, ge=1, le=16, description="Jobs stepped concurrently per device (KV caches)")
+    step_timeout: float = Field(
+        30.0, gt=0, le=600, description="Watchdog: longest one step (prefill chunk, token) may take, seconds"
+    )
+    max_active: int = Field(
+        2, ge=1, le=16, description="Jobs stepped side by side per device (one KV cache each)"
+    )
 
 
 class TelemetryConfig(BaseConfig):
     interval: float = Field(10.0, ge=1, le=3600, description="Seconds between telemetry messages")
 
 
+# --- models -------------------------------------------------------------------------------------
 class ModelConfig(BaseConfig):
-    id: str = Field(..., pattern=r"^[a-zA-Z0-9._-]+$", max_length=64, description="Name clients ask for")
+    """One resident model. ``path`` is kept as written; see ``ApplianceConfig.model_path``."""
+
+    id: str = Field(
+        ..., pattern=r"^[a-zA-Z0-9._-]+$", max_length=64, description="The name clients ask for"
+    )
     kind: Literal["chat", "image"] = Field("chat", description="What the model does")
-    path: str = Field(..., min_length=1, description="Bundle folder; relative to the config file's folder")
-    runtime: Literal["auto", "axengine", "onnx"] = Field("auto", description="Session backend")
+    path: str = Field(
+        ..., min_length=1, description="Bundle folder; a relative one is relative to the config file's folder"
+    )
+    runtime: Literal["auto", "axengine", "onnx"] = Field(
+        "auto", description="Session backend: axengine (NPU), onnx (CPU), auto (NPU when possible)"
+    )
     preload: bool = Field(True, description="Load at start and keep resident")
-    default: bool = Field(False, description="The model used when a request names none")
+    default: bool = Field(False, description="The model of its kind used when a request names none")
+
+
+def _demo_models() -> list[ModelConfig]:
+    return [ModelConfig(id=DEMO_MODEL_ID, kind="chat", path=f"models/{DEMO_MODEL_ID}", runtime="auto")]
 
 
 class ApplianceConfig(BaseConfig):
-    mqtt: MqttConfig = Field(default_factory=MqttConfig)
-    http: HttpConfig = Field(default_factory=HttpConfig)
-    device: DeviceConfig = Field(default_factory=DeviceConfig)
-    engine: EngineSettings = Field(default_factory=EngineSettings)
-    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
-    models: list[ModelConfig] = Field(default_factory=list, description="Resident models")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="The broker and the topic tree")
+    http: HttpConfig = Field(default_factory=HttpConfig, description="The OpenAI-compatible HTTP bridge")
+    device: DeviceConfig = Field(default_factory=DeviceConfig, description="NPU devices and their monitor")
+    engine: EngineSectionConfig = Field(
+        default_factory=EngineSectionConfig, description="Job queue and time limits"
+    )
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Telemetry publishing")
+    models: list[ModelConfig] = Field(
+        default_factory=_demo_models, min_length=1, description="Resident models (default: the demo model)"
+    )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
-    @model_validator(mode="after")
-    def _unique_model_ids(self) -> ApplianceConfig:
-        ids = [m.id for m in self.models]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
-        if duplicates:
-            raise ValueError(f"model ids must be unique; repeated: {', '.join(duplicates)}")
-        return self
+    @field_validator("models")
+    @classmethod
+    def _model_ids_unique(cls, value: list[ModelConfig]) -> list[ModelConfig]:
+        ids = [m.id for m in value]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"model ids must be unique; repeated: {', '.join(repeated)}")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _one_default_per_kind(cls, value: list[ModelConfig]) -> list[ModelConfig]:
+        for kind in ("chat", "image"):
+            defaults = [m.id for m in value if m.kind == kind and m.default]
+            if len(defaults) > 1:
+                raise ValueError(f"only one {kind} model may be the default; marked: {', '.join(defaults)}")
+        return value
 
     @property
     def base_dir(self) -> Path:
+        """The folder relative model paths are resolved against."""
         return self._base_dir
 
     def model_path(self, model: ModelConfig) -> Path:
@@ -161,68 +259,103 @@ class ApplianceConfig(BaseConfig):
         return path if path.is_absolute() else self._base_dir / path
 
 
-def _format_errors(error: ValidationError, root: type[BaseModel]) -> str:
-    lines = []
-    for item in error.errors():
-        loc = [str(p) for p in item["loc"]]
-        where = ".".join(loc) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            allowed = ", ".join(_fields_at(root, item["loc"][:-1]))
-            lines.append(f"{where}: unknown key; allowed: {allowed}")
-        elif item["type"] == "literal_error":
-            lines.append(f"{where}: {item['msg']}")
-        else:
-            lines.append(f"{where}: {item['msg']}")
-    return "invalid config:\n  " + "\n  ".join(lines)
+# --- error messages -----------------------------------------------------------------------------
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
 
 
-def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    model: Any = root
+def _field_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[type[BaseModel] | None, Any]:
+    """The model class holding ``loc``'s last key, and that key's annotation (None when unknown)."""
+    model: type[BaseModel] | None = root
+    annotation: Any = None
     for part in loc:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
-        if field is None:
-            return []
-        annotation = field.annotation
-        args = getattr(annotation, "__args__", ())
-        model = next(
-            (a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None
-        )
-        if model is None:
-            return []
-    return list(model.model_fields)
+        if model is None or part not in model.model_fields:
+            return None, None
+        annotation = model.model_fields[part].annotation
+        model = _model_in(annotation)
+    return model, annotation
 
 
-def apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """``APPLIANCE_<SECTION>_<KEY>[_<SUBKEY>]=value`` overrides one key; values parse as YAML scalars."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for name, raw in sorted(env.items()):
-        if not name.startswith(ENV_PREFIX):
-            continue
-        parts = name[len(ENV_PREFIX) :].lower().split("_")
-        section = parts[0]
-        field = ApplianceConfig.model_fields.get(section)
-        sub = getattr(field.annotation, "model_fields", None) if field else None
-        if not sub or len(parts) < 2:
-            raise ConfigError(
-                f"{name}: no config section {section!r}; sections: mqtt, http, device, engine, telemetry"
-            )
-        key, rest = _match_key(sub, parts[1:])
-        if key is None:
-            raise ConfigError(f"{name}: {section} has no key {'_'.join(parts[1:])!r}; keys: {', '.join(sub)}")
-        value = yaml.safe_load(raw) if raw != "" else None
-        target = out.setdefault(section, {})
-        if rest:
-            nested = getattr(sub[key].annotation, "model_fields", None)
-            subkey = "_".join(rest)
-            if not nested or subkey not in nested:
-                raise ConfigError(f"{name}: {section}.{key} has no key {subkey!r}")
-            target.setdefault(key, {})
-            target[key] = {**target[key], subkey: value}
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config model an annotation holds directly or as list items, if any."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _allowed_keys(root: type[BaseModel], section: tuple[int | str, ...]) -> list[str]:
+    model = root if not section else _field_at(root, section)[0]
+    return list(model.model_fields) if model is not None else []
+
+
+def _literal_values(annotation: Any) -> list[Any]:
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    for arg in get_args(annotation):
+        values = _literal_values(arg)
+        if values:
+            return values
+    return []
+
+
+def format_errors(
+    error: ValidationError,
+    root: type[BaseModel] = ApplianceConfig,
+    sources: Mapping[tuple[str, ...], str] | None = None,
+) -> list[str]:
+    """One line per problem: ``<dotted.key>: <what is wrong>; allowed: ...``.
+
+    Args:
+        sources: dotted locations set from the environment -> the variable's name, so a bad
+            override is reported as coming from it.
+    """
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        where = _dotted(loc)
+        kind = item["type"]
+        value = item.get("input")
+        if kind == "extra_forbidden":
+            what = "unknown section" if len(loc) == 1 else "unknown key"
+            problem = f"{what}; allowed: {', '.join(_allowed_keys(root, loc[:-1]))}"
+        elif kind == "literal_error":
+            allowed = _literal_values(_field_at(root, loc)[1])
+            shown = ", ".join(str(v) for v in allowed) or item.get("ctx", {}).get("expected", "")
+            problem = f"{value!r} is not allowed; allowed: {shown}"
+        elif kind == "missing":
+            problem = "required"
+        elif kind == "model_type":
+            problem = f"must be a mapping of keys; allowed: {', '.join(_allowed_keys(root, loc))}"
         else:
-            target[key] = value
-    return out
+            problem = item["msg"].removeprefix("Value error, ")
+            if isinstance(value, str | int | float | bool) or value is None:
+                problem += f" (got {value!r})"
+        text_loc = tuple(str(p) for p in loc)
+        origin = next((name for path, name in (sources or {}).items() if text_loc[: len(path)] == path), None)
+        lines.append(f"{where}{f' (from {origin})' if origin else ''}: {problem}")
+    return lines
+
+
+# --- environment overrides ----------------------------------------------------------------------
+def _accepts_text(annotation: Any) -> bool:
+    """Whether a field takes text as is (so ``APPLIANCE_HTTP_API_KEY=0123`` stays a string)."""
+    if annotation is str:
+        return True
+    if get_origin(annotation) is Literal:
+        return all(isinstance(v, str) for v in get_args(annotation))
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(_accepts_text(a) for a in get_args(annotation) if a is not type(None))
+    return False
+
+
+def _accepts_none(annotation: Any) -> bool:
+    return get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
 
 
 def _match_key(fields: Mapping[str, Any], parts: list[str]) -> tuple[str | None, list[str]]:
@@ -234,29 +367,127 @@ def _match_key(fields: Mapping[str, Any], parts: list[str]) -> tuple[str | None,
     return None, []
 
 
-def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> ApplianceConfig:
-    """Read, override from the environment, and validate.
+def _env_target(name: str) -> tuple[tuple[str, ...], Any]:
+    """The dotted location an ``APPLIANCE_...`` variable names, and the annotation found there."""
+    parts = name[len(ENV_PREFIX) :].lower().split("_")
+    sections = [k for k, f in ApplianceConfig.model_fields.items() if get_origin(f.annotation) is not list]
+    if parts[0] == "models":
+        raise ValueError(f"{name}: models is a list; edit it in the config file")
+    if parts[0] not in sections or len(parts) < 2 or not all(parts[1:]):
+        raise ValueError(
+            f"{name}: unknown section {parts[0]!r}; environment overrides are "
+            f"APPLIANCE_<SECTION>_<KEY> with sections {', '.join(s.upper() for s in sections)}"
+        )
+    model: type[BaseModel] | None = _model_in(ApplianceConfig.model_fields[parts[0]].annotation)
+    loc, rest = [parts[0]], parts[1:]
+    annotation: Any = None
+    while rest and model is not None:
+        key, after = _match_key(model.model_fields, rest)
+        inner = _model_in(model.model_fields[key].annotation) if key else None
+        if key is None or (after and inner is None):
+            raise ValueError(
+                f"{name}: {'.'.join(loc)} has no key {'_'.join(rest)!r}; "
+                f"allowed: {', '.join(model.model_fields)}"
+            )
+        loc.append(key)
+        annotation = model.model_fields[key].annotation
+        model, rest = inner, after
+    return tuple(loc), annotation
 
-    ``path=None`` reads ``appliance.yaml`` in the working folder when present, else defaults.
+
+def _parse_env_value(name: str, raw: str, annotation: Any) -> Any:
+    if raw == "" and _accepts_none(annotation):
+        return None
+    if _accepts_text(annotation):
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{name}: {raw!r} is not a YAML value ({exc.__class__.__name__})") from None
+
+
+def apply_env_overrides(
+    data: Mapping[str, Any], env: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """Overlay ``APPLIANCE_<SECTION>_<KEY>[_<SUBKEY>]`` variables on the file's data.
+
+    Values parse as YAML scalars (``1884``, ``true``, ``null``, ``[0, 1]``), except for text
+    fields, which take the value as is. An empty value sets an optional key to None.
+
+    Returns:
+        The merged data (the input is not modified) and, per overridden location, the variable.
+
+    Raises:
+        ConfigError: a variable names no known section or key; the message names each one.
+    """
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    sources: dict[tuple[str, ...], str] = {}
+    problems: list[str] = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        try:
+            loc, annotation = _env_target(name)
+            value = _parse_env_value(name, env[name], annotation)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        target = out
+        for key in loc[:-1]:
+            inner = target.get(key)
+            target[key] = dict(inner) if isinstance(inner, dict) else {}
+            target = target[key]
+        target[loc[-1]] = value
+        sources[loc] = name
+    if problems:
+        raise ConfigError("bad environment overrides:\n  " + "\n  ".join(problems), problems)
+    return out, sources
+
+
+# --- loading ------------------------------------------------------------------------------------
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (mqtt:, http:, ...)")
+    # A section whose keys are all commented out reads as null: treat it as "all defaults".
+    return {k: v for k, v in loaded.items() if v is not None}
+
+
+def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> ApplianceConfig:
+    """Read the YAML file, overlay environment overrides, validate.
+
+    Args:
+        path: the config file; ``None`` reads ``appliance.yaml`` in the working folder when it
+            exists and uses the defaults otherwise. An explicit path that does not exist is an error.
+        env: the environment to take ``APPLIANCE_*`` overrides from (default ``os.environ``).
+
+    Raises:
+        ConfigError: listing every bad key by its dotted path, with what is allowed.
     """
     env = os.environ if env is None else env
-    if path is None:
-        path = Path(DEFAULT_FILE) if Path(DEFAULT_FILE).is_file() else None
+    if path is None and Path(DEFAULT_FILE).is_file():
+        path = Path(DEFAULT_FILE)
     data: dict[str, Any] = {}
     if path is not None:
+        path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        data = loaded or {}
-    data = apply_env_overrides(data, env)
+        data = _read_yaml(path)
+    else:
+        logger.debug("no %s here; using the defaults", DEFAULT_FILE)
+    data, sources = apply_env_overrides(data, env)
     try:
         config = ApplianceConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, ApplianceConfig)) from None
+        problems = format_errors(exc, ApplianceConfig, sources)
+        where = str(path) if path is not None else "the defaults with environment overrides"
+        raise ConfigError(f"invalid config ({where}):\n  " + "\n  ".join(problems), problems) from None
     config._base_dir = path.resolve().parent if path is not None else Path.cwd()
     return config

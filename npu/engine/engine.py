@@ -71,6 +71,8 @@ class Engine:
         self._stopping = False
         self._last_state: EngineState | None = None
         self._durations: list[float] = []
+        self.jobs_done = 0
+        self.jobs_failed = 0
         self.workers = [
             DeviceWorker(device_id, list(models), self, loader=loader, max_active=self.config.max_active)
             for device_id in device_ids
@@ -93,6 +95,7 @@ class Engine:
             self._queue.clear()
             self._work.notify_all()
         for job in waiting:
+            self.count_outcome(False)
             job.handle.finish(Failed(EngineError(ErrorCode.UNAVAILABLE, STOPPING)))
         for worker in self.workers:
             worker.join(timeout)
@@ -229,6 +232,13 @@ class Engine:
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    def count_outcome(self, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self.jobs_done += 1
+            else:
+                self.jobs_failed += 1
 
     def record_duration(self, seconds: float) -> None:
         with self._lock:

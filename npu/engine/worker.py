@@ -251,6 +251,7 @@ class DeviceWorker(threading.Thread):
         self._finish(job, Failed(error))
 
     def _finish(self, job: WorkerJob, event: Done | Failed) -> None:
+        self.engine.count_outcome(isinstance(event, Done))
         try:
             job.handle.finish(event)
         except Exception:

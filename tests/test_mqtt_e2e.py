@@ -1,0 +1,275 @@
+"""The appliance end to end: a real Mosquitto, the real demo model, real MQTT clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from appliance.app import Appliance
+from appliance.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = {"max_tokens": 8, "temperature": 0}
+
+
+class Client:
+    """A test MQTT client that records every message per topic."""
+
+    def __init__(self, port: int, *, v5: bool = True, client_id: str = "") -> None:
+        protocol = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+        self.messages: dict[str, list[mqtt.MQTTMessage]] = defaultdict(list)
+        self.cond = threading.Condition()
+        self.c.on_message = self._on_message
+        self.c.connect("127.0.0.1", port, keepalive=10)
+        self.c.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.cond:
+            self.messages[msg.topic].append(msg)
+            self.cond.notify_all()
+
+    def subscribe(self, *topics: str) -> None:
+        done = threading.Event()
+        self.c.on_subscribe = lambda *a: done.set()
+        self.c.subscribe([(t, 1) for t in topics])
+        assert done.wait(5)
+
+    def publish(self, topic: str, payload: Any, properties: Properties | None = None) -> None:
+        body = json.dumps(payload) if isinstance(payload, dict) else payload
+        self.c.publish(topic, body, qos=1, properties=properties).wait_for_publish(5)
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = 60) -> None:
+        with self.cond:
+            assert self.cond.wait_for(predicate, timeout), "timed out waiting for MQTT messages"
+
+    def json(self, topic: str) -> list[dict[str, Any]]:
+        with self.cond:
+            return [json.loads(m.payload) for m in self.messages[topic]]
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def write_config(tmp: Path, port: int, base: str, bundle: Path, **over: Any) -> Path:
+    data: dict[str, Any] = {
+        "mqtt": {"port": port, "base_topic": base, "keepalive": 5},
+        "http": {"enabled": False},
+        "engine": {"queue_max": 8, "max_active": 2},
+        "models": [{"id": "demo", "kind": "chat", "path": str(bundle), "runtime": "onnx"}],
+    }
+    for section, values in over.items():
+        data.setdefault(section, {}).update(values)
+    path = tmp / f"appliance-{len(list(tmp.glob('*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def start_app(tmp_path: Path, mqtt_broker, mqtt_base_topic: str, demo_bundle_fp32: Path) -> Iterator:  # type: ignore[no-untyped-def, type-arg]
+    apps: list[Appliance] = []
+
+    def start(**over: Any) -> Appliance:
+        config = load_config(
+            write_config(tmp_path, mqtt_broker.port, mqtt_base_topic, demo_bundle_fp32, **over), env={}
+        )
+        app = Appliance(config)
+        app.start()
+        for worker in app.engine.workers:
+            assert worker.loaded.wait(60)
+        assert app.link.subscribed.wait(10)
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        app.stop()
+
+
+@pytest.fixture
+def client(mqtt_broker) -> Iterator[Client]:  # type: ignore[no-untyped-def]
+    c = Client(mqtt_broker.port)
+    yield c
+    c.close()
+
+
+def test_mqtt5_response_topic_with_correlation_data(start_app, client: Client, mqtt_base_topic: str) -> None:  # type: ignore[no-untyped-def]
+    start_app()
+    client.subscribe("client/replies")
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = "client/replies"
+    props.CorrelationData = b"\x00corr-1"
+    client.publish(
+        f"{mqtt_base_topic}/request/chat", {"id": "q1", "prompt": "Name a colour.", **SHORT}, props
+    )
+    client.wait(lambda: bool(client.messages["client/replies"]))
+    (msg,) = client.messages["client/replies"]
+    assert msg.properties.CorrelationData == b"\x00corr-1"
+    body = json.loads(msg.payload)
+    assert body["id"] == "q1" and body["status"] == "ok" and body["data"]["text"].strip()
+    assert body["data"]["usage"]["completion_tokens"] <= 8
+
+
+def test_311_reply_to_plain_text_and_the_mcu_copy(start_app, mqtt_broker, mqtt_base_topic: str) -> None:  # type: ignore[no-untyped-def]
+    start_app()
+    old = Client(mqtt_broker.port, v5=False)
+    base = mqtt_base_topic
+    old.subscribe("arduino/7", f"{base}/response/chat", f"{base}/response/chat/text")
+    old.publish(
+        f"{base}/request/chat",
+        {
+            "id": 7,
+            "prompt": "Say hello.",
+            "reply_to": "arduino/7",
+            "max_bytes": 10,
+            "max_tokens": 30,
+            "temperature": 0,
+        },
+    )
+    old.wait(lambda: bool(old.messages["arduino/7"]) and bool(old.messages[f"{base}/response/chat/text"]))
+    body = old.json("arduino/7")[0]
+    assert body["id"] == 7 and body["status"] == "ok"
+    short = old.messages[f"{base}/response/chat/text"][0].payload
+    assert len(short) <= 10 and body["data"]["text"].encode().startswith(short)
+    old.publish(f"{base}/request/chat", "What is the capital of France?")
+    old.wait(lambda: bool(old.messages[f"{base}/response/chat"]))
+    plain = old.json(f"{base}/response/chat")[0]
+    assert plain["status"] == "ok" and plain["id"] and "Paris" in plain["data"]["text"]
+    old.close()
+
+
+def test_stream_is_ordered_and_complete(start_app, client: Client, mqtt_base_topic: str) -> None:  # type: ignore[no-untyped-def]
+    start_app()
+    base = mqtt_base_topic
+    client.subscribe(f"{base}/stream/s1", f"{base}/response/chat")
+    client.publish(
+        f"{base}/request/chat",
+        {
+            "id": "s1",
+            "prompt": "Write a line about rain.",
+            "stream": True,
+            "max_tokens": 30,
+            "temperature": 0,
+        },
+    )
+    client.wait(lambda: bool(client.messages[f"{base}/response/chat"]))
+    stream = client.json(f"{base}/stream/s1")
+    final = client.json(f"{base}/response/chat")[0]
+    assert [m["seq"] for m in stream] == list(range(len(stream)))
+    assert stream[-1]["done"] is True and all(not m["done"] for m in stream[:-1])
+    assert "".join(m["delta"] for m in stream) == final["data"]["text"]
+
+
+def test_full_queue_is_busy_and_cancel_frees_it(start_app, client: Client, mqtt_base_topic: str) -> None:  # type: ignore[no-untyped-def]
+    start_app(engine={"queue_max": 1, "max_active": 1})
+    base = mqtt_base_topic
+    client.subscribe(f"{base}/response/#")
+    long = {"prompt": "Tell a very long story.", "max_tokens": 400, "temperature": 0.8, "seed": 1}
+    for i in range(3):
+        client.publish(f"{base}/request/chat", {"id": f"b{i}", **long})
+    client.wait(lambda: any(r["id"] == "b2" for r in client.json(f"{base}/response/chat")))
+    busy = next(r for r in client.json(f"{base}/response/chat") if r["id"] == "b2")
+    assert busy["status"] == "error" and busy["error"]["code"] == "busy" and busy["error"]["retry_after"] >= 1
+    for rid in ("b0", "b1"):
+        client.publish(f"{base}/request/cancel", {"id": rid})
+    client.wait(lambda: {r["id"] for r in client.json(f"{base}/response/chat")} >= {"b0", "b1", "b2"}, 30)
+    codes = {
+        r["id"]: r["error"]["code"] for r in client.json(f"{base}/response/chat") if r["status"] == "error"
+    }
+    assert codes["b0"] == "cancelled" and codes["b1"] == "cancelled"
+
+
+def test_prompt_sent_while_down_is_answered_after_restart(
+    start_app, client: Client, mqtt_base_topic: str
+) -> None:  # type: ignore[no-untyped-def]
+    base = mqtt_base_topic
+    app = start_app()
+    client.subscribe(f"{base}/response/chat", f"{base}/status")
+    app.stop()
+    client.wait(lambda: any(m.payload == b"stopped" for m in client.messages[f"{base}/status"]))
+    client.publish(f"{base}/request/chat", {"id": "while-down", "prompt": "Hello?", **SHORT})
+    time.sleep(0.5)
+    assert client.json(f"{base}/response/chat") == []
+    start_app()
+    client.wait(lambda: bool(client.json(f"{base}/response/chat")))
+    (reply,) = client.json(f"{base}/response/chat")
+    assert reply["id"] == "while-down" and reply["status"] == "ok"
+
+
+def test_broker_restart_mid_run(start_app, client: Client, mqtt_broker, mqtt_base_topic: str) -> None:  # type: ignore[no-untyped-def]
+    app = start_app()
+    base = mqtt_base_topic
+    mqtt_broker.restart(down_for=1.0)
+    assert app.link.connected.wait(15)
+    time.sleep(0.5)
+    fresh = Client(mqtt_broker.port)
+    fresh.subscribe(f"{base}/status", f"{base}/info", f"{base}/response/chat")
+    fresh.wait(lambda: bool(fresh.messages[f"{base}/info"]) and bool(fresh.messages[f"{base}/status"]), 15)
+    assert fresh.messages[f"{base}/status"][-1].payload == b"online"
+    fresh.publish(f"{base}/request/chat", {"id": "after", "prompt": "Hi", **SHORT})
+    fresh.wait(lambda: bool(fresh.json(f"{base}/response/chat")), 30)
+    assert fresh.json(f"{base}/response/chat")[0]["status"] == "ok"
+    fresh.close()
+
+
+def test_two_appliances_on_a_shared_group_answer_each_request_once(  # type: ignore[no-untyped-def]
+    start_app, client: Client, mqtt_base_topic: str
+) -> None:
+    base = mqtt_base_topic
+    apps = [
+        start_app(mqtt={"shared_group": "pool", "client_id": f"{base}-{i}"}, engine={"queue_max": 40})
+        for i in range(2)
+    ]
+    client.subscribe(f"{base}/response/chat")
+    ids = [f"r{i}" for i in range(40)]
+    for rid in ids:
+        client.publish(f"{base}/request/chat", {"id": rid, "prompt": "Hi", "max_tokens": 2, "temperature": 0})
+    client.wait(lambda: len(client.json(f"{base}/response/chat")) >= 40, 180)
+    time.sleep(1.0)
+    replies = client.json(f"{base}/response/chat")
+    assert sorted(r["id"] for r in replies) == sorted(ids), "each request answered exactly once"
+    assert all(r["status"] == "ok" for r in replies)
+    assert all(app.engine.jobs_done > 0 for app in apps), "both appliances took a share"
+
+
+def test_last_will_after_kill_9(
+    tmp_path: Path,
+    mqtt_broker,
+    client: Client,
+    mqtt_base_topic: str,  # type: ignore[no-untyped-def]
+    demo_bundle_fp32: Path,
+) -> None:
+    base = mqtt_base_topic
+    config = write_config(tmp_path, mqtt_broker.port, base, demo_bundle_fp32)
+    client.subscribe(f"{base}/status")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "run", "-c", str(config)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client.wait(lambda: any(m.payload == b"online" for m in client.messages[f"{base}/status"]), 60)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        client.wait(lambda: client.messages[f"{base}/status"][-1].payload == b"offline", 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
