@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from npu.convert.gguf_source import GGUFSource, Hyperparams, file_sha256
+from npu.convert.gguf_source import GGUFSource, Hyperparams, file_sha256, unpermute_llama
 from npu.convert.layer_graphs import LayerShape, LayerWeights, Weight, build_layer, build_post
-from npu.convert.quant4 import quantize
+from npu.convert.quant4 import BLOCK, from_q4_1, quantize
 from npu.convert.tokenizer_export import eos_token_ids, write_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,15 @@ class _WeightLoader:
     def matrix(self, name: str) -> Weight:
         if self.bits is None:
             return self.src.tensor(name)
+        import gguf
+
+        raw = self.src.raw(name)
+        k, n = (int(d) for d in raw.shape.tolist())
+        if raw.tensor_type == gguf.GGMLQuantizationType.Q4_1 and k % BLOCK == 0:
+            order = None
+            if self.src.is_permuted(name):
+                order = unpermute_llama(np.arange(n)[:, None], self.src.permuted_heads(name))[:, 0]
+            return from_q4_1(np.asarray(raw.data), n, k, order)
         return quantize(self.src.tensor(name))
 
     def optional(self, name: str) -> np.ndarray | None:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from npu.convert.quant4 import ACCURACY_LEVEL, BLOCK, QuantWeight
+from npu.convert.quant4 import BLOCK, QuantWeight
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class _Graph:
                 self.init(f"{hint}_zp", w.zero_points),
             ]
             y = self.op("MatMulNBits", inputs, hint, domain="com.microsoft",
-                        K=w.k, N=w.n, bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
+                        K=w.k, N=w.n, bits=4, block_size=BLOCK)
         else:
             y = self.op("MatMul", [x, self.init(f"{hint}_wT", np.asarray(w, np.float32).T)], hint)
         if bias is not None:
