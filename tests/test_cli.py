@@ -1,0 +1,130 @@
+"""The command line's wiring: help, check, and the one-line errors of chat and convert (fast tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from appliance.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """``python -m appliance ...`` in a subprocess, without the caller's APPLIANCE_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def write_config(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "appliance.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def fake_bundle(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 1}), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("APPLIANCE_"):
+            monkeypatch.delenv(name)
+
+
+def test_module_help_lists_the_commands() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("run", "chat", "models", "check"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("argv", [["chat", "--help"], ["models", "demo", "-h"], ["models", "convert", "-h"]])
+def test_subcommand_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 0
+    assert "usage: appliance" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert main(["chat", "--model", "x", "--temperature", "warm", "hi"]) == 2
+    assert "invalid float value" in capsys.readouterr().err
+
+
+def test_check_good_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_bundle(tmp_path / "models" / "m")
+    path = write_config(tmp_path, {"mqtt": {"port": 1884}, "models": [{"id": "m", "path": "models/m"}]})
+    assert main(["check", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "127.0.0.1:1884" in out
+    assert f"m (chat, runtime auto): {tmp_path / 'models' / 'm'}: ok" in out
+
+
+def test_check_bad_config_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path, {"mqtt": {"prot": 5, "port": 99999}})
+    assert main(["check", "-c", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "mqtt.prot: unknown key; allowed: host, port" in err
+    assert "mqtt.port: Input should be less than or equal to 65535" in err
+
+
+def test_check_missing_model_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "not-a-bundle").mkdir()
+    path = write_config(
+        tmp_path,
+        {"models": [{"id": "gone", "path": "models/gone"}, {"id": "empty", "path": "not-a-bundle"}]},
+    )
+    assert main(["check", "--log-level", "warning", "-c", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "gone" in out and "MISSING" in out
+    assert "empty" in out and "NOT A BUNDLE" in out
+
+
+def test_check_missing_explicit_file_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "-c", str(tmp_path / "nope.yaml")]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_check_in_a_subprocess(tmp_path: Path) -> None:
+    good = write_config(tmp_path, {"models": [{"id": "m", "path": str(fake_bundle(tmp_path / "m"))}]})
+    assert run_cli("check", "-c", str(good)).returncode == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("device:\n  backend: gpu\n", encoding="utf-8")
+    result = run_cli("check", "-c", str(bad))
+    assert result.returncode == 1
+    assert "device.backend: 'gpu' is not allowed; allowed: auto, axcl, smi, host, sim" in result.stderr
+
+
+def test_chat_missing_bundle_is_one_line_exit_2(tmp_path: Path) -> None:
+    result = run_cli("chat", "--model", str(tmp_path / "nonexistent"), "x")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("appliance chat: ") and "nonexistent" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_chat_bad_parameter_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["chat", "--model", str(tmp_path), "--temperature", "5", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "appliance chat: temperature must be between 0 and 2"
+
+
+def test_convert_needs_force_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dest = fake_bundle(tmp_path / "bundle")
+    assert main(["models", "convert", str(tmp_path / "x.gguf"), str(dest)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
