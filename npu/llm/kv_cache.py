@@ -5,7 +5,7 @@ the ``K_cache``/``V_cache`` inputs of the decode shape group, so a decode step f
 as they are and writes back one row. ``SequenceCache`` groups the layers of one conversation with
 the tokens whose rows are stored (for prefix reuse) and the decode mask. A device-resident
 implementation (rows kept on the NPU, one row copied per token) replaces ``LayerKVCache`` behind
-the same four operations: ``history``, ``full``, ``write`` and ``nbytes``.
+the same operations: ``history``, ``full``, ``write``, ``write_row`` and ``nbytes``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ class LayerCache(Protocol):
         """Store rows ``(1, n, kv_dim)`` at positions ``start .. start + n``."""
         ...
 
+    def write_row(self, pos: int, keys: np.ndarray, values: np.ndarray) -> None:
+        """Store one decode row ``(1, 1, kv_dim)`` at ``pos`` (the per-token hot path)."""
+        ...
+
     @property
     def nbytes(self) -> int: ...
 
@@ -56,6 +60,10 @@ class LayerKVCache:
         n = keys.shape[1]
         self.keys[:, start : start + n] = keys
         self.values[:, start : start + n] = values
+
+    def write_row(self, pos: int, keys: np.ndarray, values: np.ndarray) -> None:
+        self.keys[0, pos] = keys[0, 0]
+        self.values[0, pos] = values[0, 0]
 
     @property
     def nbytes(self) -> int:
@@ -98,6 +106,7 @@ class SequenceCache:
         self.tokens: list[int] = []
         self.decode_mask = np.full((1, 1, self.capacity + 1), MASKED, dtype=dtype)
         self.decode_mask[..., self.capacity] = 0
+        self.decode_feeds: list[dict[str, np.ndarray]] | None = None  # built by the layer stack
 
     @property
     def offset(self) -> int:

@@ -166,23 +166,39 @@ class LayerStack:
         return x[:, n - 1 : n]
 
     def decode(self, cache: SequenceCache, token_id: int, embed: np.ndarray) -> np.ndarray:
-        """One token at position ``cache.offset``; returns its hidden state ``(1, 1, hidden)``."""
+        """One token at position ``cache.offset``; returns its hidden state ``(1, 1, hidden)``.
+
+        This is the per-token hot path: one feed dict per layer is reused across tokens (only
+        ``input`` changes) and one K/V row per layer is written back.
+        """
         pos = cache.offset
         if pos >= self.kv_cache_len:
             raise ValueError(f"KV cache full ({self.kv_cache_len} rows)")
         x = embed.reshape(1, 1, -1).astype(self.dtype, copy=False)
-        indices = np.array([[pos]], dtype=np.uint32)
-        mask = cache.decode_mask
+        feeds = self._decode_feeds(cache)
+        feeds[0]["indices"][0, 0] = pos
         k_out, v_out, h_out = self._out_index
-        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
-            k_all, v_all = layer_cache.full()
-            outs = layer.run(
-                None, {"K_cache": k_all, "V_cache": v_all, "indices": indices, "input": x, "mask": mask}
-            )
-            layer_cache.write(pos, outs[k_out], outs[v_out])
+        for layer, layer_cache, feed in zip(self.layers, cache.layers, feeds, strict=True):
+            feed["input"] = x
+            outs = layer.run(None, feed)
+            layer_cache.write_row(pos, outs[k_out], outs[v_out])
             x = outs[h_out]
         cache.commit(pos, [token_id])
         return x
+
+    def _decode_feeds(self, cache: SequenceCache) -> list[dict[str, np.ndarray]]:
+        """Per-layer decode feeds bound to this cache's buffers, built once per cache."""
+        feeds = cache.decode_feeds
+        if feeds is None:
+            indices = np.zeros((1, 1), dtype=np.uint32)  # shared by every layer
+            feeds = []
+            for layer_cache in cache.layers:
+                k_all, v_all = layer_cache.full()
+                feeds.append(
+                    {"K_cache": k_all, "V_cache": v_all, "indices": indices, "mask": cache.decode_mask}
+                )
+            cache.decode_feeds = feeds
+        return feeds
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Final norm and LM head: float32 logits over the vocabulary."""
