@@ -151,8 +151,10 @@ def handle_chat(req: ChatPayload, ctx: HandlerContext, reply: Reply, meta: Reque
     # answer it properly only through their chat template.
     if req.messages is not None:
         messages = [m.model_dump() for m in req.messages]
+    elif req.prompt and req.prompt.strip():
+        messages = [{"role": "user", "content": req.prompt}]
     else:
-        messages = [{"role": "user", "content": req.prompt or ""}]
+        raise HandlerError("bad_request", "the prompt is empty")
     try:
         request = ChatRequest(
             model=req.model,

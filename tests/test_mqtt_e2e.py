@@ -273,3 +273,60 @@ def test_last_will_after_kill_9(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+MALFORMED: list[bytes | str] = [
+    b"",
+    b"{",
+    b"\xff\xfe\x00garbage",
+    "[]",
+    "null",
+    '{"id": "m1"}',
+    '{"id": "m2", "prompt": ""}',
+    '{"id": "m3", "prompt": 42}',
+    '{"id": "m4", "messages": "not a list"}',
+    '{"id": "m5", "messages": [{"role": "wizard", "content": "hi"}]}',
+    '{"id": "m6", "prompt": "hi", "max_tokens": -5}',
+    '{"id": "m7", "prompt": "hi", "temperature": 9}',
+    '{"id": "m8", "prompt": "hi", "model": "no-such-model"}',
+    '{"id": "m9", "prompt": "hi", "reply_to": "t/+/x"}',
+    '{"id": "m10", "prompt": "' + "word " * 3000 + '"}',
+    '{"id": ["x"], "prompt": "hi"}',
+    '{"id": "a/b", "prompt": "hi"}',
+]
+
+
+def test_malformed_requests_each_get_one_error_reply_and_the_process_lives(  # type: ignore[no-untyped-def]
+    start_app, client: Client, mqtt_base_topic: str
+) -> None:
+    import random
+
+    base = mqtt_base_topic
+    app = start_app()
+    client.subscribe(f"{base}/response/#")
+    rng = random.Random(3)
+    payloads = [
+        *MALFORMED,
+        *(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))) for _ in range(30)),
+    ]
+    for payload in payloads:
+        client.publish(f"{base}/request/chat", payload)
+    client.publish(f"{base}/request/no_such_op", {"id": "op"})
+    expected = len(payloads) + 1
+    client.wait(
+        lambda: sum(len(v) for k, v in client.messages.items() if not k.endswith("/text")) >= expected
+    )
+    time.sleep(0.5)
+    replies = [r for k in list(client.messages) if not k.endswith("/text") for r in client.json(k)]
+    assert len(replies) == expected, "exactly one reply per request"
+    # Random bytes that happen to be UTF-8 are plain-text prompts and may be answered "ok".
+    assert all(r["status"] == "ok" or (r["error"]["code"] and r["error"]["message"]) for r in replies)
+    by_id = {
+        r["id"]: r["error"]["code"] for r in replies if isinstance(r["id"], str) and r["status"] == "error"
+    }
+    assert {f"m{i}" for i in range(1, 11)} <= set(by_id), "every malformed JSON request is refused"
+    assert by_id["m8"] == "model_not_found" and by_id["m10"] == "context_length_exceeded"
+    assert by_id["op"] == "unknown_op"
+    client.publish(f"{base}/request/chat", {"id": "alive", "prompt": "Hi", **SHORT})
+    client.wait(lambda: any(r.get("id") == "alive" for r in client.json(f"{base}/response/chat")))
+    assert app.engine.state().state in ("idle", "busy")
