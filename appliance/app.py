@@ -74,6 +74,8 @@ class Appliance:
 
     def start(self) -> None:
         logger.info("appliance %s starting (base topic %r)", app_version(), self.topics.base)
+        if self.config.http.enabled:
+            logger.warning("the HTTP bridge is not part of this version yet; the http settings are ignored")
         self.link.start()
         self.engine.add_state_listener(self.publish_state)
         self.engine.start(wait_loaded=False)

@@ -255,6 +255,9 @@ class Engine:
             runner = worker.runners.get(model_id)
             if runner is not None:
                 return runner
+        failed = [w.reason for w in self.workers if w.reason and w.loaded.is_set()]
+        if failed:
+            raise EngineError(ErrorCode.UNAVAILABLE, f"model {model_id!r} is not available: {failed[0]}")
         raise EngineError(
             ErrorCode.UNAVAILABLE, f"model {model_id!r} is not loaded yet; retry shortly", retry_after=5
         )
