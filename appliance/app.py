@@ -22,6 +22,10 @@ from typing import Any
 from appliance.config import ApplianceConfig
 from appliance.mqtt_link import InboundMessage, MqttLink
 from appliance.topics import Topics
+from bridge_http.app import create_app
+from bridge_http.auth import exposure_warning
+from bridge_http.bridge import BridgeSettings
+from bridge_http.server import HttpServer, HttpServerError
 from handlers.context import HandlerContext, Limits
 from handlers.registry import Dispatcher
 from npu.engine.api import EngineState
@@ -71,14 +75,17 @@ class Appliance:
             self.engine, self.link.publish, self.topics, Limits(max_payload=config.mqtt.max_payload)
         )
         self.dispatcher = Dispatcher(self.inbound, context)
+        self.http: HttpServer | None = None
+        if config.http.enabled:
+            settings = BridgeSettings(api_key=config.http.api_key, max_n=config.http.max_n)
+            self.http = HttpServer(create_app(self.engine, settings), config.http.host, config.http.port)
 
     def start(self) -> None:
         logger.info("appliance %s starting (base topic %r)", app_version(), self.topics.base)
-        if self.config.http.enabled:
-            logger.warning("the HTTP bridge is not part of this version yet; the http settings are ignored")
         self.link.start()
         self.engine.add_state_listener(self.publish_state)
         self.engine.start(wait_loaded=False)
+        self._start_http()
         self._ready = threading.Thread(target=self._when_loaded, name="when-loaded", daemon=True)
         self._ready.start()
 
@@ -86,8 +93,24 @@ class Appliance:
         logger.info("appliance stopping")
         self.stop_event.set()
         self.engine.stop()
+        if self.http is not None:
+            self.http.stop()
         self.dispatcher.stop()
         self.link.stop("stopped")
+
+    def _start_http(self) -> None:
+        """The bridge serves /health at once (503 while loading); if it cannot listen, MQTT goes on."""
+        if self.http is None:
+            return
+        warning = exposure_warning(self.config.http.host, self.config.http.api_key)
+        if warning:
+            logger.warning(warning)
+        try:
+            self.http.start()
+        except HttpServerError as exc:
+            logger.error("%s; MQTT requests are still served", exc)
+            self.event("http_failed", error=str(exc))
+            self.http = None
 
     def _when_loaded(self) -> None:
         for worker in self.engine.workers:
@@ -114,7 +137,7 @@ class Appliance:
                 "request_timeout": self.config.engine.request_timeout,
                 "max_payload": self.config.mqtt.max_payload,
             },
-            "http": f"http://{http.host}:{http.port}/v1" if http.enabled else None,
+            "http": f"http://{http.host}:{self.http.bound_port}/v1" if self.http is not None else None,
             "started": int(self.started_at),
         }
 

@@ -112,6 +112,25 @@ def test_cancel_by_request_id_frees_the_slot(make_engine) -> None:  # type: igno
     assert after.wait(30) and isinstance(got.terminal("y")[0], Done)
 
 
+def test_cancelling_a_waiting_job_frees_its_queue_place_at_once(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine = make_engine(max_active=1, queue_max=1)
+    got = Collector()
+    engine.pause("test")
+    waiting = engine.submit(ask("one"), got.sink("wait"))
+    with pytest.raises(EngineError):
+        engine.submit(ask("two"), got.sink("refused"))
+    waiting.cancel()
+    assert waiting.wait(1), "a waiting job ends when cancelled, without waiting for a worker"
+    (final,) = got.terminal("wait")
+    assert isinstance(final, Failed) and final.error.code is ErrorCode.CANCELLED
+    assert engine.state().queue_depth == 0
+    again = engine.submit(ask("Hi", GenerationParams(max_tokens=4, temperature=0)), got.sink("again"))
+    engine.resume()
+    assert again.wait(30) and isinstance(got.terminal("again")[0], Done)
+    waiting.cancel()  # cancelling twice, or after the end, changes nothing
+    assert len(got.terminal("wait")) == 1
+
+
 def test_a_job_past_its_deadline_is_expired_not_run_late(make_engine) -> None:  # type: ignore[no-untyped-def]
     engine = make_engine()
     engine.pause("test")

@@ -36,11 +36,21 @@ class ErrorCode(enum.StrEnum):
 
 
 class EngineError(Exception):
-    def __init__(self, code: ErrorCode, message: str, *, retry_after: float | None = None) -> None:
+    """A typed failure; ``details`` holds machine-readable facts (e.g. the lengths of a long prompt)."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.details = details or {}
 
     def __repr__(self) -> str:
         return f"EngineError({self.code.value}, {self.message!r})"
@@ -128,10 +138,18 @@ class JobHandle:
         self.status: JobStatus = "queued"
         self._cancelled = threading.Event()
         self._finished = threading.Event()
+        self.on_cancel: Callable[[JobHandle], None] | None = None  # the engine drops it from the queue
 
     def cancel(self) -> None:
-        """Ask the engine to stop this job at its next step; it then ends ``Failed(cancelled)``."""
+        """Stop this job: a waiting one leaves the queue at once, a running one at its next step.
+
+        Either way it ends ``Failed(cancelled)``; cancelling a finished job does nothing.
+        """
+        if self._cancelled.is_set() or self._finished.is_set():
+            return
         self._cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel(self)
 
     @property
     def cancelled(self) -> bool:

@@ -25,6 +25,7 @@ from npu.engine.api import (
     ModelInfo,
     Sink,
 )
+from npu.engine.metrics import EngineMetrics
 from npu.engine.worker import DeviceWorker, ModelSpec, RunnerLoader, WorkerJob
 from npu.llm.runner import ContextLengthError
 
@@ -73,6 +74,7 @@ class Engine:
         self._durations: list[float] = []
         self.jobs_done = 0
         self.jobs_failed = 0
+        self.metrics = EngineMetrics(lambda: len(self._queue), lambda: sum(w.running for w in self.workers))
         self.workers = [
             DeviceWorker(device_id, list(models), self, loader=loader, max_active=self.config.max_active)
             for device_id in device_ids
@@ -96,6 +98,7 @@ class Engine:
             self._work.notify_all()
         for job in waiting:
             self.count_outcome(False)
+            self.metrics.failure.labels(ErrorCode.UNAVAILABLE.value).inc()
             job.handle.finish(Failed(EngineError(ErrorCode.UNAVAILABLE, STOPPING)))
         for worker in self.workers:
             worker.join(timeout)
@@ -104,6 +107,13 @@ class Engine:
     # front-door API --------------------------------------------------------------------------
     def submit(self, request: ChatRequest, sink: Sink) -> JobHandle:
         """Validate, tokenize and queue a job, or raise ``EngineError`` at once."""
+        try:
+            return self._submit(request, sink)
+        except EngineError as exc:
+            self.metrics.rejected.labels(exc.code.value).inc()
+            raise
+
+    def _submit(self, request: ChatRequest, sink: Sink) -> JobHandle:
         model_id = request.model or self.default_chat
         spec = self.specs.get(model_id or "")
         if spec is None or spec.kind != "chat":
@@ -119,10 +129,13 @@ class Engine:
                 prompt_ids = runner.encode(request.prompt or "")
             runner.check_prompt(prompt_ids)
         except ContextLengthError as exc:
-            raise EngineError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc)) from exc
+            details = {"prompt_tokens": exc.prompt_tokens, "max_prompt_tokens": exc.limit,
+                       "context_length": runner.context_length}
+            raise EngineError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc), details=details) from exc
         except ValueError as exc:
             raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from exc
         handle = JobHandle(request, sink)
+        handle.on_cancel = self._drop_queued
         job = WorkerJob(handle=handle, model_id=spec.id, prompt_ids=prompt_ids)
         with self._work:
             if self._stopping:
@@ -142,14 +155,26 @@ class Engine:
         """Cancel every queued or running job submitted with this request id."""
         count = 0
         with self._work:
-            for _, _, job in self._queue:
-                if job.handle.request.request_id == request_id:
-                    job.handle.cancel()
-                    count += 1
-            self._work.notify_all()
+            queued = [job.handle for _, _, job in self._queue if job.handle.request.request_id == request_id]
+        for handle in queued:
+            handle.cancel()
+        count += len(queued)
         for worker in self.workers:
             count += worker.cancel(request_id)
         return count
+
+    def _drop_queued(self, handle: JobHandle) -> None:
+        """A waiting job that is cancelled frees its place in the queue at once."""
+        with self._work:
+            kept = [item for item in self._queue if item[2].handle is not handle]
+            if len(kept) == len(self._queue):
+                return  # already taken by a worker, which will stop it at its next step
+            self._queue = kept
+            heapq.heapify(self._queue)
+        self.count_outcome(False)
+        self.metrics.failure.labels(ErrorCode.CANCELLED.value).inc()
+        handle.finish(Failed(EngineError(ErrorCode.CANCELLED, "cancelled while waiting")))
+        self._notify_state()
 
     def pause(self, reason: str = "paused by request") -> None:
         with self._work:

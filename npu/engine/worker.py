@@ -63,6 +63,7 @@ class WorkerJob:
     model_id: str
     prompt_ids: list[int]
     started: float = 0.0
+    last_token_at: float | None = None  # None until the first generated token
     stream: Iterator[GenerationResponse] | None = None
     parts: list[str] = field(default_factory=list)
 
@@ -207,7 +208,10 @@ class DeviceWorker(threading.Thread):
             logger.exception("device %d: job %s failed", self.device_id, handle.id)
             self._fail(job, EngineError(ErrorCode.INTERNAL, f"generation failed: {exc}"))
             return
-        elapsed = time.monotonic() - started
+        now = time.monotonic()
+        if resp.token is not None:
+            self._count_token(job, now)
+        elapsed = now - started
         if elapsed > self.engine.config.step_timeout:
             logger.warning("device %d: a step took %.1f s (watchdog %.1f s)", self.device_id, elapsed,
                            self.engine.config.step_timeout)
@@ -228,8 +232,18 @@ class DeviceWorker(threading.Thread):
                 queued_ms=(job.started - handle.submitted) * 1e3,
             )
             self._remove(job)
-            self.engine.record_duration(time.monotonic() - job.started)
+            self.engine.record_duration(now - job.started)
             self._finish(job, Done(result))
+
+    def _count_token(self, job: WorkerJob, now: float) -> None:
+        metrics = self.engine.metrics.for_model(job.model_id)
+        if job.last_token_at is None:
+            metrics.ttft.observe(now - job.handle.submitted)
+            metrics.queue_time.observe(job.started - job.handle.submitted)
+        else:
+            metrics.itl.observe(now - job.last_token_at)
+        metrics.generation_tokens.inc()
+        job.last_token_at = now
 
     def _emit(self, handle: JobHandle, event: JobEvent) -> None:
         try:
@@ -252,6 +266,16 @@ class DeviceWorker(threading.Thread):
 
     def _finish(self, job: WorkerJob, event: Done | Failed) -> None:
         self.engine.count_outcome(isinstance(event, Done))
+        metrics = self.engine.metrics
+        if isinstance(event, Done):
+            usage = event.result.usage
+            model = metrics.for_model(job.model_id)
+            model.prompt_tokens.inc(usage.prompt_tokens)
+            model.cached_tokens.inc(usage.cached_tokens)
+            model.e2e.observe(event.result.total_ms / 1e3)
+            metrics.success.labels(job.model_id, event.result.finish_reason).inc()
+        else:
+            metrics.failure.labels(event.error.code.value).inc()
         try:
             job.handle.finish(event)
         except Exception:

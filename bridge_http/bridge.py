@@ -1,0 +1,33 @@
+"""What every route needs: the engine, the bridge's settings, and model lookups."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from npu.engine.engine import Engine
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    api_key: str | None = None
+    max_n: int = 4
+    ping_interval: float = 10.0  # seconds of silence before a ': ping' comment in a stream
+    progress_ping_interval: float = 1.0  # at most one ping this often while a prompt is prefilled
+
+
+@dataclass
+class Bridge:
+    engine: Engine
+    settings: BridgeSettings = field(default_factory=BridgeSettings)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def model_id(self, requested: str | None) -> str:
+        """The model a request will run on; an unknown name is kept for the engine to refuse."""
+        return requested or self.engine.default_chat or ""
+
+    def context_length(self, model_id: str) -> int | None:
+        for info in self.engine.models():
+            if info.id == model_id:
+                return info.context_length
+        return None

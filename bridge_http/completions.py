@@ -1,0 +1,59 @@
+"""``POST /v1/chat/completions`` and the legacy ``POST /v1/completions``: thin routes.
+
+A request becomes one engine job per choice; refusals (bad input, a prompt over the context, an
+unknown model, a full queue) are raised by the engine before anything is sent, so they arrive as
+proper 4xx/5xx answers even when streaming was asked for.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from bridge_http import shapes
+from bridge_http.auth import require_api_key
+from bridge_http.bridge import Bridge
+from bridge_http.jobs import JobGroup
+from bridge_http.params import chat_requests, completion_requests
+from bridge_http.schemas import ChatCompletionRequest, CompletionRequest
+from bridge_http.streaming import SSE_HEADERS, chat_format, collect, stream_sse, text_format
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@router.post("/v1/chat/completions")
+async def handle_chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    bridge: Bridge = request.app.state.bridge
+    cid, created = shapes.new_id("chatcmpl"), shapes.now()
+    model = bridge.model_id(body.model)
+    jobs = chat_requests(body, cid, bridge.settings.max_n, bridge.context_length(model))
+    group = JobGroup(bridge.engine)
+    await group.submit(jobs)
+    if body.stream:
+        fmt = chat_format(cid, created, model, len(jobs), body.include_usage)
+        return StreamingResponse(
+            stream_sse(group, fmt, bridge.settings.ping_interval, bridge.settings.progress_ping_interval),
+            media_type="text/event-stream", headers=SSE_HEADERS,
+        )
+    results = await collect(group, request, len(jobs))
+    return JSONResponse(shapes.chat_completion(cid, created, model, results))
+
+
+@router.post("/v1/completions")
+async def handle_completions(body: CompletionRequest, request: Request) -> Response:
+    bridge: Bridge = request.app.state.bridge
+    cid, created = shapes.new_id("cmpl"), shapes.now()
+    model = bridge.model_id(body.model)
+    jobs = completion_requests(body, cid, bridge.settings.max_n)
+    prompts = body.prompts()
+    echoes = [p if body.echo else "" for p in prompts for _ in range(body.n)]
+    group = JobGroup(bridge.engine)
+    await group.submit(jobs)
+    if body.stream:
+        fmt = text_format(cid, created, model, echoes, len(prompts), body.include_usage)
+        return StreamingResponse(
+            stream_sse(group, fmt, bridge.settings.ping_interval, bridge.settings.progress_ping_interval),
+            media_type="text/event-stream", headers=SSE_HEADERS,
+        )
+    results = await collect(group, request, len(jobs))
+    return JSONResponse(shapes.text_completion(cid, created, model, results, echoes, len(prompts)))

@@ -1,0 +1,70 @@
+"""OpenAI request bodies -> the engine's ``ChatRequest``s (one per choice). Pure functions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bridge_http.errors import OpenAIError
+from bridge_http.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from npu.engine.api import ChatRequest
+from npu.llm.params import GenerationParams
+
+_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+    "frequency_penalty",
+)
+LEGACY_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def generation_params(body: SamplingFields, max_tokens: int, seed_offset: int = 0) -> GenerationParams:
+    """Fields left out keep the engine's defaults; choice ``i`` of ``n`` samples with ``seed + i``."""
+    given: dict[str, Any] = {f: getattr(body, f) for f in _FIELDS if getattr(body, f) is not None}
+    seed = None if body.seed is None else body.seed + seed_offset
+    try:
+        return GenerationParams(max_tokens=max_tokens, stop=body.stop_list(), seed=seed, **given)
+    except ValueError as exc:
+        raise OpenAIError(400, str(exc), code="invalid_value") from exc
+
+
+def check_n(body: SamplingFields, max_n: int, prompts: int = 1) -> None:
+    if body.n > max_n:
+        raise OpenAIError(
+            400, f"n must be at most {max_n} on this appliance", param="n", code="invalid_value"
+        )
+    if body.n * prompts > max_n:
+        raise OpenAIError(
+            400, f"n times the number of prompts must be at most {max_n}", param="prompt",
+            code="invalid_value",
+        )
+
+
+def chat_requests(
+    body: ChatCompletionRequest, request_id: str, max_n: int, context_length: int | None
+) -> list[ChatRequest]:
+    """Without a limit, a chat answer may run to the end of the context (OpenAI's behaviour)."""
+    check_n(body, max_n)
+    limit = body.token_limit or context_length or 4096
+    messages = [m.for_template() for m in body.messages]
+    return [
+        ChatRequest(
+            model=body.model,
+            messages=messages,
+            params=generation_params(body, limit, i),
+            enable_thinking=body.enable_thinking,
+            request_id=request_id,
+        )
+        for i in range(body.n)
+    ]
+
+
+def completion_requests(body: CompletionRequest, request_id: str, max_n: int) -> list[ChatRequest]:
+    """Choices are ordered prompt by prompt, ``n`` for each (index = prompt * n + choice)."""
+    prompts = body.prompts()
+    check_n(body, max_n, len(prompts))
+    limit = body.token_limit or LEGACY_MAX_TOKENS
+    return [
+        ChatRequest(model=body.model, prompt=prompt, params=generation_params(body, limit, i),
+                    request_id=request_id)
+        for prompt in prompts
+        for i in range(body.n)
+    ]

@@ -1,0 +1,115 @@
+"""The JSON the bridge sends: whole responses, SSE chunks and usage. Pure functions over results.
+
+Shapes follow what the ``openai`` client parses and what llama.cpp and vLLM send; see
+``shared/reference/openai-api.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from npu.engine.api import ChatResult
+
+DONE = b"data: [DONE]\n\n"
+PING = b": ping\n\n"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def usage(results: Sequence[ChatResult], prompts: int = 1) -> dict[str, Any]:
+    """Prompt tokens count once per distinct prompt (``n`` choices share theirs), as OpenAI does."""
+    n = max(1, len(results) // max(1, prompts))
+    shared = results[::n]
+    prompt = sum(r.usage.prompt_tokens for r in shared)
+    completion = sum(r.usage.completion_tokens for r in results)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(r.usage.cached_tokens for r in shared)},
+    }
+
+
+def chat_completion(cid: str, created: int, model: str, results: Sequence[ChatResult]) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": None,
+                "finish_reason": r.finish_reason,
+            }
+            for i, r in enumerate(results)
+        ],
+        "usage": usage(results),
+    }
+
+
+def chat_chunk(
+    cid: str, created: int, model: str, index: int, delta: dict[str, Any], finish_reason: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": None,
+    }
+
+
+def text_completion(
+    cid: str, created: int, model: str, results: Sequence[ChatResult], prefixes: Sequence[str], prompts: int
+) -> dict[str, Any]:
+    """``prefixes[i]`` is the echoed prompt of choice ``i`` ("" without ``echo``)."""
+    return {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {"index": i, "text": prefixes[i] + r.text, "logprobs": None, "finish_reason": r.finish_reason}
+            for i, r in enumerate(results)
+        ],
+        "usage": usage(results, prompts),
+    }
+
+
+def text_chunk(
+    cid: str, created: int, model: str, index: int, text: str, finish_reason: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": None,
+    }
+
+
+def usage_chunk(base: dict[str, Any], results: Sequence[ChatResult], prompts: int = 1) -> dict[str, Any]:
+    """The extra last chunk of ``stream_options.include_usage``: no choices, the usage."""
+    return {**base, "choices": [], "usage": usage(results, prompts)}

@@ -1,0 +1,67 @@
+"""``GET /v1/models``, ``GET /health`` and ``GET /metrics``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from bridge_http.auth import require_api_key
+from bridge_http.bridge import Bridge
+from bridge_http.errors import OpenAIError
+from npu.engine.api import ModelInfo
+
+READY = ("idle", "busy")
+
+models_router = APIRouter(dependencies=[Depends(require_api_key)])
+status_router = APIRouter()
+
+
+def model_card(info: ModelInfo, created: int) -> dict[str, Any]:
+    card: dict[str, Any] = {"id": info.id, "object": "model", "created": created, "owned_by": "appliance"}
+    if info.context_length is not None:
+        card["max_model_len"] = info.context_length  # vLLM's name; clients size prompts with it
+    return card
+
+
+@models_router.get("/v1/models")
+async def handle_models(request: Request) -> dict[str, Any]:
+    bridge: Bridge = request.app.state.bridge
+    return {"object": "list", "data": [model_card(m, bridge.created) for m in bridge.engine.models()]}
+
+
+@models_router.get("/v1/models/{model_id}")
+async def handle_model(model_id: str, request: Request) -> dict[str, Any]:
+    bridge: Bridge = request.app.state.bridge
+    for info in bridge.engine.models():
+        if info.id == model_id:
+            return model_card(info, bridge.created)
+    raise OpenAIError(404, f"no model {model_id!r} here", param="model", code="model_not_found")
+
+
+@status_router.get("/health")
+async def handle_health(request: Request) -> Response:
+    """200 when requests are being taken; 503 (with the reason) while loading, paused or recovering."""
+    engine = request.app.state.bridge.engine
+    state = engine.state()
+    body = {
+        "status": "ok" if state.state in READY else "unavailable",
+        **asdict(state),
+        "models": [
+            {"id": m.id, "kind": m.kind, "loaded": m.loaded, "backend": m.backend} for m in engine.models()
+        ],
+        "jobs_done": engine.jobs_done,
+        "jobs_failed": engine.jobs_failed,
+    }
+    if state.state in READY:
+        return JSONResponse(body)
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+
+@status_router.get("/metrics")
+async def handle_metrics(request: Request) -> Response:
+    registry = request.app.state.bridge.engine.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,127 @@
+"""Engine events -> an SSE body, and -> whole results for answers that are not streamed.
+
+Streams keep OpenAI's contract: each choice opens once (the role, or the echoed prompt), text
+deltas follow, each choice ends with exactly one ``finish_reason``, the optional usage chunk comes
+after every choice ended, and ``[DONE]`` is last. ``: ping`` comments keep proxies and clients
+from timing out while a job waits in the queue or a long prompt is prefilled. An error after the
+200 went out is a chunk with an ``error`` object, which the ``openai`` client raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from bridge_http import shapes
+from bridge_http.errors import OpenAIError
+from bridge_http.jobs import IDLE, JobGroup, cancel_on_disconnect
+from npu.engine.api import ChatResult, Delta, Done, Failed, Progress
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class StreamFormat:
+    """How one endpoint spells its chunks; ``opening`` and ``delta`` return the chunk for a choice."""
+
+    base: dict[str, Any]  # id, object, created, model: what the usage chunk repeats
+    opening: Callable[[int], dict[str, Any] | None]
+    delta: Callable[[int, str], dict[str, Any]]
+    finish: Callable[[int, str], dict[str, Any]]
+    prompts: int = 1
+    choices: int = 1
+    include_usage: bool = False
+    results: dict[int, ChatResult] = field(default_factory=dict)
+
+
+def chat_format(cid: str, created: int, model: str, choices: int, include_usage: bool) -> StreamFormat:
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return shapes.chat_chunk(cid, created, model, index, delta, finish)
+
+    return StreamFormat(
+        base={"id": cid, "object": "chat.completion.chunk", "created": created, "model": model},
+        opening=lambda i: chunk(i, {"role": "assistant", "content": ""}),
+        delta=lambda i, text: chunk(i, {"content": text}),
+        finish=lambda i, reason: chunk(i, {}, reason),
+        choices=choices,
+        include_usage=include_usage,
+    )
+
+
+def text_format(
+    cid: str, created: int, model: str, echoes: list[str], prompts: int, include_usage: bool
+) -> StreamFormat:
+    def chunk(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
+        return shapes.text_chunk(cid, created, model, index, text, finish)
+
+    return StreamFormat(
+        base={"id": cid, "object": "text_completion", "created": created, "model": model},
+        opening=lambda i: chunk(i, echoes[i]) if echoes[i] else None,
+        delta=lambda i, text: chunk(i, text),
+        finish=lambda i, reason: chunk(i, "", reason),
+        prompts=prompts,
+        choices=len(echoes),
+        include_usage=include_usage,
+    )
+
+
+async def stream_sse(
+    group: JobGroup, fmt: StreamFormat, ping_every: float, progress_ping_every: float
+) -> AsyncIterator[bytes]:
+    """The SSE body. Closing it (the client went away) cancels every job of the group."""
+    try:
+        for index in range(fmt.choices):
+            opening = fmt.opening(index)
+            if opening is not None:
+                yield shapes.sse(opening)
+        last_ping = time.monotonic()
+        async for item in group.events(idle_after=ping_every):
+            if item is IDLE:
+                yield shapes.PING
+                continue
+            index, event = item
+            if isinstance(event, Delta):
+                yield shapes.sse(fmt.delta(index, event.text))
+            elif isinstance(event, Progress):
+                if time.monotonic() - last_ping >= progress_ping_every:
+                    last_ping = time.monotonic()
+                    yield shapes.PING
+            elif isinstance(event, Done):
+                fmt.results[index] = event.result
+                yield shapes.sse(fmt.finish(index, event.result.finish_reason))
+            elif isinstance(event, Failed):
+                group.cancel()
+                yield shapes.sse(OpenAIError.from_engine(event.error).body)
+                yield shapes.DONE
+                return
+        if fmt.include_usage:
+            ordered = [fmt.results[i] for i in range(fmt.choices)]
+            yield shapes.sse(shapes.usage_chunk(fmt.base, ordered, fmt.prompts))
+        yield shapes.DONE
+    finally:
+        group.cancel()  # a no-op for jobs that ended
+
+
+async def collect(group: JobGroup, request: Request, choices: int) -> list[ChatResult]:
+    """Every choice's result in order; the first failure cancels the rest and becomes the answer."""
+    watcher = asyncio.create_task(cancel_on_disconnect(request, group))
+    results: dict[int, ChatResult] = {}
+    try:
+        async for item in group.events():
+            if item is IDLE:
+                continue
+            index, event = item
+            if isinstance(event, Failed):
+                group.cancel()
+                raise OpenAIError.from_engine(event.error)
+            if isinstance(event, Done):
+                results[index] = event.result
+    finally:
+        watcher.cancel()
+        group.cancel()
+    return [results[i] for i in range(choices)]
