@@ -150,7 +150,7 @@ class MqttConfig(BaseConfig):
 class HttpConfig(BaseConfig):
     enabled: bool = Field(True, description="Serve the OpenAI-compatible HTTP bridge")
     host: str = Field("0.0.0.0", min_length=1, description="Address to listen on (0.0.0.0: every interface)")
-    port: int = Field(8000, ge=1, le=65535, description="Port to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port)")
     api_key: str | None = Field(
         None, min_length=1, max_length=256, description="Bearer token required on /v1/* (None: open)"
     )

@@ -64,6 +64,7 @@ class WorkerJob:
     prompt_ids: list[int]
     started: float = 0.0
     last_token_at: float | None = None  # None until the first generated token
+    tokens_counted: int = 0
     stream: Iterator[GenerationResponse] | None = None
     parts: list[str] = field(default_factory=list)
 
@@ -209,8 +210,8 @@ class DeviceWorker(threading.Thread):
             self._fail(job, EngineError(ErrorCode.INTERNAL, f"generation failed: {exc}"))
             return
         now = time.monotonic()
-        if resp.token is not None:
-            self._count_token(job, now)
+        if resp.usage.completion_tokens > job.tokens_counted:
+            self._count_tokens(job, resp.usage.completion_tokens, now)
         elapsed = now - started
         if elapsed > self.engine.config.step_timeout:
             logger.warning("device %d: a step took %.1f s (watchdog %.1f s)", self.device_id, elapsed,
@@ -235,14 +236,16 @@ class DeviceWorker(threading.Thread):
             self.engine.record_duration(now - job.started)
             self._finish(job, Done(result))
 
-    def _count_token(self, job: WorkerJob, now: float) -> None:
+    def _count_tokens(self, job: WorkerJob, total: int, now: float) -> None:
+        """Feed the latency histograms and the token counter as the job's usage grows."""
         metrics = self.engine.metrics.for_model(job.model_id)
         if job.last_token_at is None:
             metrics.ttft.observe(now - job.handle.submitted)
             metrics.queue_time.observe(job.started - job.handle.submitted)
         else:
             metrics.itl.observe(now - job.last_token_at)
-        metrics.generation_tokens.inc()
+        metrics.generation_tokens.inc(total - job.tokens_counted)
+        job.tokens_counted = total
         job.last_token_at = now
 
     def _emit(self, handle: JobHandle, event: JobEvent) -> None:

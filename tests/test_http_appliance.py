@@ -1,0 +1,72 @@
+"""The bridge inside the appliance: next to MQTT, on the same engine and queue."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from mqtt_client import Client, write_config
+
+from appliance.app import Appliance
+from appliance.config import load_config
+
+
+def test_mqtt_and_http_requests_share_the_engine(
+    tmp_path: Path, mqtt_broker, mqtt_base_topic: str, demo_bundle_fp32: Path,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    base = mqtt_base_topic
+    path = write_config(tmp_path, mqtt_broker.port, base, demo_bundle_fp32,
+                        http={"enabled": True, "host": "0.0.0.0", "port": 0})
+    caplog.set_level(logging.WARNING)
+    app = Appliance(load_config(path, env={}))
+    app.start()
+    mqtt = Client(mqtt_broker.port)
+    try:
+        assert app.http is not None
+        assert "without an API key" in caplog.text, "an open bridge on every interface is warned about"
+        for worker in app.engine.workers:
+            assert worker.loaded.wait(60)
+        assert app.link.subscribed.wait(10)
+        url = f"http://127.0.0.1:{app.http.bound_port}"
+        mqtt.subscribe(f"{base}/stream/m1", f"{base}/response/chat", f"{base}/info")
+        mqtt.wait(lambda: bool(mqtt.messages[f"{base}/info"]))
+        assert mqtt.json(f"{base}/info")[-1]["http"].endswith(f":{app.http.bound_port}/v1")
+
+        http_times: list[float] = []
+        http_text: list[str] = []
+
+        def http_stream() -> None:
+            body = {"messages": [{"role": "user", "content": "A line about rain."}], "max_tokens": 20,
+                    "temperature": 0, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        http_times.append(time.monotonic())
+                        http_text.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+
+        t = threading.Thread(target=http_stream)
+        t.start()
+        mqtt.publish(f"{base}/request/chat", {"id": "m1", "prompt": "A line about snow.", "stream": True,
+                                             "max_tokens": 20, "temperature": 0})
+        mqtt.wait(lambda: bool(mqtt.messages[f"{base}/response/chat"]))
+        t.join(60)
+        mqtt_times = [m.timestamp for m in mqtt.messages[f"{base}/stream/m1"]]
+        reply = mqtt.json(f"{base}/response/chat")[0]
+        assert reply["status"] == "ok" and reply["id"] == "m1"
+        assert "".join(http_text).strip()
+        # Both answers were generated side by side: their streams overlap in time.
+        assert min(http_times) < max(mqtt_times) and min(mqtt_times) < max(http_times)
+        assert app.engine.jobs_done >= 2
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "ok" and health["jobs_done"] == app.engine.jobs_done
+    finally:
+        mqtt.close()
+        app.stop()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health", timeout=2)
