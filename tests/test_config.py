@@ -133,7 +133,7 @@ def test_literal_choices_are_listed(tmp_path: Path, data: dict[str, Any], expect
 
 def test_config_error_keeps_one_line_per_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(write(tmp_path, {"mqtt": {"port": 0}, "http": {"port": 0}}), env={})
+        load_config(write(tmp_path, {"mqtt": {"port": 0}, "http": {"port": 70000}}), env={})
     assert [p.split(":")[0] for p in info.value.problems] == ["mqtt.port", "http.port"]
 
 
