@@ -157,6 +157,41 @@ class HttpConfig(BaseConfig):
     max_n: int = Field(4, ge=1, le=16, description="Largest 'n' (choices per request) accepted")
 
 
+class ThermalConfig(BaseConfig):
+    warn: float = Field(75.0, ge=30, le=120, description="°C: an event and a warning")
+    throttle: float = Field(80.0, ge=30, le=120, description="°C: one job at a time, cool-down pauses")
+    pause: float = Field(85.0, ge=30, le=120, description="°C: no jobs until below the warn level")
+    hysteresis: float = Field(3.0, ge=0, le=20, description="°C below a level before leaving it")
+    throttle_delay: float = Field(0.25, ge=0, le=10, description="Seconds of cool-down between steps")
+
+    @model_validator(mode="after")
+    def _rising(self) -> ThermalConfig:
+        if not self.warn < self.throttle < self.pause:
+            raise ValueError(f"must rise: warn {self.warn} < throttle {self.throttle} < pause {self.pause}")
+        return self
+
+
+class RecoveryConfigSection(BaseConfig):
+    attempts: int = Field(3, ge=1, le=20, description="Resets tried before the device is declared failed")
+    backoff: float = Field(2.0, ge=0, le=600, description="Seconds before the second attempt; doubles")
+    backoff_max: float = Field(60.0, ge=0, le=3600, description="Longest pause between attempts")
+
+
+class SimEventConfig(BaseConfig):
+    at: float = Field(ge=0, description="Seconds after start")
+    temperature_c: float | None = None
+    cmm_used_mib: float | None = Field(None, ge=0)
+    npu_load_pct: float | None = Field(None, ge=0, le=100)
+    fault: Literal["none", "hang", "reset", "dead"] | None = None
+
+
+class SimConfig(BaseConfig):
+    temperature_c: float = Field(50.0, description="Starting temperature of the simulated card")
+    cmm_total_mib: float = Field(7040.0, gt=0)
+    cmm_used_mib: float = Field(18.0, ge=0)
+    script: list[SimEventConfig] = Field(default_factory=list, description="Timed changes and faults")
+
+
 class DeviceConfig(BaseConfig):
     backend: Literal["auto", "axcl", "smi", "host", "sim"] = Field(
         "auto",
@@ -166,6 +201,12 @@ class DeviceConfig(BaseConfig):
     ids: list[Annotated[int, Field(ge=0, le=255)]] = Field(
         default_factory=lambda: [0], min_length=1, description="NPU device indices; one worker each"
     )
+
+    smi_path: str = Field("axcl-smi", min_length=1, description="axcl-smi: a name on PATH or a path")
+    health_interval: float = Field(2.0, ge=0.2, le=60, description="Seconds between health checks")
+    thermal: ThermalConfig = Field(default_factory=lambda: ThermalConfig())
+    recovery: RecoveryConfigSection = Field(default_factory=lambda: RecoveryConfigSection())
+    sim: SimConfig = Field(default_factory=lambda: SimConfig())
 
     @field_validator("ids")
     @classmethod

@@ -44,6 +44,7 @@ class EngineLike(Protocol):
     def pause(self, reason: str = ...) -> None: ...
     def resume(self) -> None: ...
     def reload(self, model_id: str | None = None) -> None: ...
+    def restart(self, reason: str = ...) -> list[int]: ...
 
 
 class TopicsLike(Protocol):
@@ -85,6 +86,7 @@ class HandlerContext:
     publish: PublishFn
     topics: TopicsLike
     limits: Limits = Limits()
+    sim: Any = None  # the simulated card (``npu.device.sim.SimMonitor``) when device.backend is sim
 
 
 class HandlerError(Exception):

@@ -1,4 +1,4 @@
-"""Control requests: ``cancel``, ``health_check``, ``pause``, ``resume``, ``reload``.
+"""Control requests: ``cancel``, ``health_check``, ``pause``, ``resume``, ``reload``, ``restart``, ``sim``.
 
 Replies go to ``{base}/response/<op>`` (or the caller's reply topic). ``reload`` blocks until the
 models are reloaded, so it runs on a short-lived thread and answers from there: the dispatcher
@@ -14,7 +14,15 @@ import time
 from typing import Any
 
 from handlers.context import PENDING, HandlerContext, HandlerError, RequestMeta
-from handlers.payloads import CancelPayload, HealthPayload, PausePayload, ReloadPayload, ResumePayload
+from handlers.payloads import (
+    CancelPayload,
+    HealthPayload,
+    PausePayload,
+    ReloadPayload,
+    RestartPayload,
+    ResumePayload,
+    SimPayload,
+)
 from handlers.reply import Reply
 from npu.engine.api import EngineError
 
@@ -40,8 +48,27 @@ def handle_health_check(
 
 
 def handle_pause(req: PausePayload, ctx: HandlerContext, reply: Reply, meta: RequestMeta) -> dict[str, Any]:
-    ctx.engine.pause(req.reason or "paused by request")
+    if req.paused:
+        ctx.engine.pause(req.reason or "paused by request")
+    else:
+        ctx.engine.resume()
     return {"state": _state(ctx)}
+
+
+def handle_restart(
+    req: RestartPayload, ctx: HandlerContext, reply: Reply, meta: RequestMeta
+) -> dict[str, Any]:
+    """Start a reset and reload of every device; progress follows on ``{base}/event`` and ``state``."""
+    devices = ctx.engine.restart(req.reason or "restart requested")
+    return {"restarting": devices, "state": _state(ctx)}
+
+
+def handle_sim(req: SimPayload, ctx: HandlerContext, reply: Reply, meta: RequestMeta) -> dict[str, Any]:
+    if ctx.sim is None:
+        raise HandlerError("bad_request", "sim controls a simulated card: set device.backend: sim")
+    values = req.model_dump(exclude_none=True, exclude={"id", "reply_to", "device"})
+    states = ctx.sim.set(req.device, **values)
+    return {"devices": {str(d): dataclasses.asdict(s) for d, s in states.items()}}
 
 
 def handle_resume(req: ResumePayload, ctx: HandlerContext, reply: Reply, meta: RequestMeta) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
 
@@ -79,7 +79,26 @@ class HealthPayload(_Payload):
 
 
 class PausePayload(_Payload):
+    """``paused: false`` resumes (what a Home Assistant switch sends when turned off)."""
+
     reason: StrictStr | None = None
+    paused: bool = True
+
+
+class RestartPayload(_Payload):
+    """``{base}/request/restart``: reset the devices and reload the models, as a recovery does."""
+
+    reason: StrictStr | None = None
+
+
+class SimPayload(_Payload):
+    """``{base}/request/sim``: steer the simulated card (``device.backend: sim`` only)."""
+
+    device: StrictInt | None = Field(default=None, ge=0)
+    temperature_c: float | None = None
+    cmm_used_mib: float | None = Field(default=None, ge=0)
+    npu_load_pct: float | None = Field(default=None, ge=0, le=100)
+    fault: Literal["none", "hang", "reset", "dead"] | None = None
 
 
 class ResumePayload(_Payload):

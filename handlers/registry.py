@@ -24,7 +24,15 @@ from pydantic import BaseModel
 
 from handlers.chat import handle_chat
 from handlers.context import PENDING, Handler, HandlerContext, HandlerError, RequestMeta
-from handlers.control import handle_cancel, handle_health_check, handle_pause, handle_reload, handle_resume
+from handlers.control import (
+    handle_cancel,
+    handle_health_check,
+    handle_pause,
+    handle_reload,
+    handle_restart,
+    handle_resume,
+    handle_sim,
+)
 from handlers.payloads import (
     CancelPayload,
     ChatPayload,
@@ -32,7 +40,9 @@ from handlers.payloads import (
     PausePayload,
     PayloadError,
     ReloadPayload,
+    RestartPayload,
     ResumePayload,
+    SimPayload,
     decode_payload,
     usable_id,
     validate_payload,
@@ -82,6 +92,8 @@ def build_registry() -> dict[str, HandlerSpec]:
         HandlerSpec("pause", PausePayload, handle_pause, text_field="reason"),
         HandlerSpec("resume", ResumePayload, handle_resume),
         HandlerSpec("reload", ReloadPayload, handle_reload, text_field="model"),
+        HandlerSpec("restart", RestartPayload, handle_restart, text_field="reason"),
+        HandlerSpec("sim", SimPayload, handle_sim, text_field="fault"),
     ]
     return {spec.op: spec for spec in specs}
 

@@ -7,14 +7,19 @@ are run by the device workers step by step (see ``npu.engine.worker``).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from npu.device.base import DeviceMonitor, DeviceReading
+from npu.device.thermal import ThermalLevel
 from npu.engine.api import (
     ChatRequest,
     EngineError,
@@ -26,12 +31,14 @@ from npu.engine.api import (
     Sink,
 )
 from npu.engine.metrics import EngineMetrics
+from npu.engine.recovery import Recovery, RecoveryConfig
 from npu.engine.worker import DeviceWorker, ModelSpec, RunnerLoader, WorkerJob
 from npu.llm.runner import ContextLengthError
 
 logger = logging.getLogger(__name__)
 
 StateListener = Callable[[EngineState], None]
+EventListener = Callable[[str, dict[str, Any]], None]
 STOPPING = "the appliance is stopping; retry later"
 
 
@@ -41,6 +48,7 @@ class EngineConfig:
     request_timeout: float = 120.0
     step_timeout: float = 30.0
     max_active: int = 2
+    throttle_delay: float = 0.25  # seconds of cool-down between rounds of steps when throttled
 
 
 class Engine:
@@ -53,6 +61,8 @@ class Engine:
         config: EngineConfig | None = None,
         device_ids: Sequence[int] = (0,),
         loader: RunnerLoader | None = None,
+        monitor: DeviceMonitor | None = None,
+        recovery: RecoveryConfig | None = None,
     ) -> None:
         if not models:
             raise ValueError("the engine needs at least one model")
@@ -68,6 +78,16 @@ class Engine:
         self._queue: list[tuple[int, int, WorkerJob]] = []
         self._seq = itertools.count()
         self._listeners: list[StateListener] = []
+        self._event_listeners: list[EventListener] = []
+        self._front = itertools.count(-1, -1)  # sequence numbers that put a retried job first
+        self._recovering: set[int] = set()
+        self._failed: dict[int, str] = {}
+        self.stop_event = threading.Event()
+        self.readings: dict[int, DeviceReading] = {}  # the health job's latest, for /health
+        self.models_list = list(models)
+        self.loader = loader
+        self.monitor = monitor
+        self.recovery_config = recovery or RecoveryConfig()
         self._paused_reason: str | None = None
         self._stopping = False
         self._last_state: EngineState | None = None
@@ -75,10 +95,11 @@ class Engine:
         self.jobs_done = 0
         self.jobs_failed = 0
         self.metrics = EngineMetrics(lambda: len(self._queue), lambda: sum(w.running for w in self.workers))
-        self.workers = [
-            DeviceWorker(device_id, list(models), self, loader=loader, max_active=self.config.max_active)
-            for device_id in device_ids
-        ]
+        self.workers = [self._new_worker(device_id) for device_id in device_ids]
+
+    def _new_worker(self, device_id: int) -> DeviceWorker:
+        return DeviceWorker(device_id, self.models_list, self, loader=self.loader,
+                            max_active=self.config.max_active, monitor=self.monitor)
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self, *, wait_loaded: bool = True, timeout: float | None = None) -> None:
@@ -91,6 +112,7 @@ class Engine:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the workers; jobs still waiting are answered ``unavailable``, never dropped."""
+        self.stop_event.set()
         with self._work:
             self._stopping = True
             waiting = [job for _, _, job in self._queue]
@@ -114,6 +136,12 @@ class Engine:
             raise
 
     def _submit(self, request: ChatRequest, sink: Sink) -> JobHandle:
+        if self._failed and len(self._failed) == len(self.workers):
+            raise EngineError(ErrorCode.UNAVAILABLE, self._failed_message())
+        if request.params.seed is None:
+            # A drawn seed makes a job retried after a device reset repeat itself exactly.
+            params = dataclasses.replace(request.params, seed=secrets.randbits(63))
+            request = dataclasses.replace(request, params=params)
         model_id = request.model or self.default_chat
         spec = self.specs.get(model_id or "")
         if spec is None or spec.kind != "chat":
@@ -221,20 +249,33 @@ class Engine:
             paused = self._paused_reason
             stopping = self._stopping
         running = sum(w.running for w in self.workers)
+        hot = [w for w in self.workers if w.thermal >= ThermalLevel.PAUSE]
         if stopping:
             name = "stopped"
-        elif any(w.state == "failed" for w in self.workers):
+        elif self._failed and len(self._failed) == len(self.workers):
             name = "failed"
-        elif any(w.state in ("recovering", "reloading") for w in self.workers):
+        elif self._recovering or any(w.state == "reloading" for w in self.workers):
             name = "recovering"
         elif any(not w.loaded.is_set() for w in self.workers):
             name = "loading"
-        elif paused is not None:
+        elif paused is not None or len(hot) == len(self.workers):
             name = "paused"
         else:
             name = "busy" if running or depth else "idle"
-        reason = paused if name == "paused" else next((w.reason for w in self.workers if w.reason), None)
+        if name == "failed":
+            reason: str | None = self._failed_message()
+        elif name == "paused":
+            reason = paused or f"too hot: device {hot[0].device_id} cools down before taking jobs again"
+        else:
+            reason = next((w.reason for w in self.workers if w.reason), None)
+            if reason is None and self._failed:
+                reason = self._failed_message()
         return EngineState(name, depth, running, self.config.queue_max, reason)  # type: ignore[arg-type]
+
+    def _failed_message(self) -> str:
+        device, why = next(iter(self._failed.items()))
+        return (f"NPU device {device} failed and could not be recovered ({why}); the appliance keeps "
+                "running: reseat the card or restart the host, then restart the appliance")
 
     def add_state_listener(self, listener: StateListener) -> None:
         self._listeners.append(listener)
@@ -252,7 +293,126 @@ class Engine:
         return job
 
     def _ready_locked(self, worker: DeviceWorker) -> bool:
-        return bool(self._queue) and self._paused_reason is None and not self._stopping and worker.accepting
+        return (
+            bool(self._queue) and self._paused_reason is None and not self._stopping and worker.accepting
+            and worker.device_id not in self._recovering
+        )
+
+    # health: thermal level, watchdog, recovery -------------------------------------------------
+    @property
+    def recovering(self) -> set[int]:
+        return set(self._recovering)
+
+    @property
+    def failed_devices(self) -> dict[int, str]:
+        return dict(self._failed)
+
+    def add_event_listener(self, listener: EventListener) -> None:
+        self._event_listeners.append(listener)
+
+    def emit_event(self, name: str, **fields: Any) -> None:
+        logger.info("event %s %s", name, fields)
+        for listener in list(self._event_listeners):
+            try:
+                listener(name, fields)
+            except Exception:
+                logger.exception("event listener failed")
+
+    def set_thermal(self, device_id: int, level: ThermalLevel) -> None:
+        for worker in self.workers:
+            if worker.device_id == device_id:
+                worker.thermal = level
+        with self._work:
+            self._work.notify_all()
+        self._notify_state()
+
+    def check_watchdog(self, now: float | None = None) -> list[int]:
+        """Start a recovery for every device whose current step overran ``step_timeout``."""
+        now = time.monotonic() if now is None else now
+        hung = []
+        for worker in list(self.workers):
+            started = worker.step_started
+            if started is None or worker.abandoned or worker.device_id in self._recovering:
+                continue
+            if now - started > self.config.step_timeout:
+                hung.append(worker.device_id)
+                limit = self.config.step_timeout
+                reason = f"a step ran {now - started:.1f} s (limit {limit:g} s): device hung"
+                self.emit_event("device_hung", device=worker.device_id, reason=reason)
+                self.start_recovery(worker, reason)
+        return hung
+
+    def device_fault(self, worker: DeviceWorker, reason: str) -> None:
+        """Called by a worker whose step failed because the device went away."""
+        self.emit_event("device_fault", device=worker.device_id, reason=reason)
+        self.start_recovery(worker, reason)
+
+    def start_recovery(self, worker: DeviceWorker, reason: str) -> bool:
+        with self._work:
+            if worker.device_id in self._recovering or self._stopping:
+                return False
+            self._recovering.add(worker.device_id)
+            self._failed.pop(worker.device_id, None)
+        self._notify_state()
+        Recovery(self, worker, reason).start()
+        return True
+
+    def restart(self, reason: str = "restart requested") -> list[int]:
+        """Reset every device and reload its models, as the recovery does (the ``restart`` op)."""
+        return [w.device_id for w in list(self.workers) if self.start_recovery(w, reason)]
+
+    def requeue_after_fault(self, jobs: list[WorkerJob]) -> None:
+        """Jobs that were running when the device failed: retried once, first in line."""
+        retry, give_up = [], []
+        for job in jobs:
+            (give_up if job.attempts >= 1 else retry).append(job)
+        with self._work:
+            for job in retry:
+                job.attempts += 1
+                job.resume = "".join(job.parts)
+                job.handle.status = "queued"
+                heapq.heappush(self._queue, (int(job.handle.request.priority), next(self._front), job))
+            self._work.notify_all()
+        for job in give_up:
+            self.count_outcome(False)
+            self.metrics.failure.labels(ErrorCode.DEVICE_RESET.value).inc()
+            message = "the device was reset twice while this job ran; it was not retried again"
+            job.handle.finish(Failed(EngineError(ErrorCode.DEVICE_RESET, message)))
+        if retry:
+            self.emit_event("jobs_retried", count=len(retry))
+        self._notify_state()
+
+    def replace_worker(self, old: DeviceWorker) -> DeviceWorker:
+        """A fresh worker for the device (it reloads the models); the old thread is abandoned."""
+        old.abandoned = True
+        fresh = self._new_worker(old.device_id)
+        fresh.thermal = old.thermal
+        self.workers = [fresh if w is old else w for w in self.workers]
+        fresh.start()
+        return fresh
+
+    def end_recovery(self, device_id: int) -> None:
+        with self._work:
+            self._recovering.discard(device_id)
+            self._work.notify_all()
+        self._notify_state()
+
+    def device_failed(self, device_id: int, reason: str) -> None:
+        """Give up on a device; with no device left, every waiting job is answered with why."""
+        with self._work:
+            self._recovering.discard(device_id)
+            self._failed[device_id] = reason
+            all_failed = len(self._failed) == len(self.workers)
+            waiting = [job for _, _, job in self._queue] if all_failed else []
+            if all_failed:
+                self._queue.clear()
+            self._work.notify_all()
+        self.emit_event("device_failed", device=device_id, reason=reason)
+        for job in waiting:
+            self.count_outcome(False)
+            self.metrics.failure.labels(ErrorCode.UNAVAILABLE.value).inc()
+            job.handle.finish(Failed(EngineError(ErrorCode.UNAVAILABLE, self._failed_message())))
+        self._notify_state()
 
     @property
     def stopping(self) -> bool:

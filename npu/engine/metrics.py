@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from npu.device.base import DeviceReading
+
 PREFIX = "appliance"
 
 # Seconds; fine at the low end where the NPU lives, up to the request timeout at the top.
@@ -70,6 +72,37 @@ class EngineMetrics:
         )
         Gauge(f"{PREFIX}_num_requests_running", "Jobs being generated", registry=r).set_function(running)
         self._models: dict[str, ModelMetrics] = {}
+        device = ("device",)
+        self.device_temperature = Gauge(
+            f"{PREFIX}_device_temperature_celsius", "NPU card temperature", device, registry=r
+        )
+        self.device_cmm_free = Gauge(
+            f"{PREFIX}_device_cmm_free_mib", "Free CMM (model and buffer memory)", device, registry=r
+        )
+        self.device_npu_load = Gauge(f"{PREFIX}_device_npu_load_percent", "NPU load", device, registry=r)
+        self.device_mem_used = Gauge(
+            f"{PREFIX}_device_memory_used_mib", "Card system memory in use", device, registry=r
+        )
+        self.device_alive = Gauge(f"{PREFIX}_device_alive", "1 while the card answers", device, registry=r)
+        self.device_thermal = Gauge(
+            f"{PREFIX}_device_thermal_level", "0 normal, 1 warn, 2 throttle, 3 pause", device, registry=r
+        )
+        self.recoveries = Counter(
+            f"{PREFIX}_device_recoveries", "Device recoveries, by outcome", ("device", "outcome"), registry=r
+        )
+
+    def record_reading(self, reading: DeviceReading, thermal_level: int) -> None:
+        """Set the device gauges; an unknown value is exported as NaN, not as a stale number."""
+        device = str(reading.device_id)
+        for gauge, value in (
+            (self.device_temperature, reading.temperature_c),
+            (self.device_cmm_free, reading.cmm_free_mib),
+            (self.device_npu_load, reading.npu_load_pct),
+            (self.device_mem_used, reading.mem_used_mib),
+        ):
+            gauge.labels(device).set(float("nan") if value is None else value)
+        self.device_alive.labels(device).set(1 if reading.alive else 0)
+        self.device_thermal.labels(device).set(thermal_level)
 
     def for_model(self, model_id: str) -> ModelMetrics:
         """The per-model children, resolved once per job instead of once per token."""

@@ -1,9 +1,11 @@
 """One worker thread per NPU device: it owns that device's resident models and runs jobs.
 
 Jobs advance one step at a time (a prefill chunk or a decode token), round-robin over the active
-jobs, so a long prompt or an image does not freeze another job's stream. Cancellation, the
-request timeout and the per-step watchdog are checked between steps; each is answered with a
-typed error and frees the job's KV cache slot at once.
+jobs, so a long prompt or an image does not freeze another job's stream. Cancellation and the
+request timeout are checked between steps; each is answered with a typed error and frees the
+job's KV cache slot at once. ``step_started`` lets the watchdog see a step that hangs; a device
+fault hands the worker's jobs to the recovery (``npu.engine.recovery``), which replaces the worker.
+The thermal level throttles (one job at a time, a pause between rounds) or holds the worker.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from npu.device.base import DeviceFault, DeviceMonitor
+from npu.device.thermal import ThermalLevel
 from npu.engine.api import (
     ChatResult,
     Delta,
@@ -53,6 +57,11 @@ class ModelSpec:
 RunnerLoader = Callable[[ModelSpec, int, int], LLMRunner]
 
 
+def bundle_mib(path: Path) -> float:
+    """A model's size on disk, a fair estimate of the card memory its weights take."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
 def load_runner(spec: ModelSpec, device_id: int, cache_slots: int) -> LLMRunner:
     return LLMRunner.load(spec.path, backend=spec.runtime, device_id=device_id, cache_slots=cache_slots)
 
@@ -63,6 +72,8 @@ class WorkerJob:
     model_id: str
     prompt_ids: list[int]
     started: float = 0.0
+    attempts: int = 0  # starts after a device reset (a job is retried once)
+    resume: str = ""  # text already sent before a reset, to be matched again and not re-sent
     last_token_at: float | None = None  # None until the first generated token
     tokens_counted: int = 0
     stream: Iterator[GenerationResponse] | None = None
@@ -78,6 +89,7 @@ class DeviceWorker(threading.Thread):
         *,
         loader: RunnerLoader | None = None,
         max_active: int = 2,
+        monitor: DeviceMonitor | None = None,
     ) -> None:
         super().__init__(name=f"engine-dev{device_id}", daemon=True)
         self.device_id = device_id
@@ -85,6 +97,10 @@ class DeviceWorker(threading.Thread):
         self.engine = engine
         self.loader = loader or load_runner
         self.max_active = max_active
+        self.monitor = monitor
+        self.thermal = ThermalLevel.NORMAL
+        self.step_started: float | None = None  # monotonic start of the step running now
+        self.abandoned = False  # replaced after a fault: never touch jobs or the engine again
         self.runners: dict[str, LLMRunner] = {}
         self.loaded = threading.Event()
         self.state: WorkerState = "loading"
@@ -100,7 +116,20 @@ class DeviceWorker(threading.Thread):
 
     @property
     def accepting(self) -> bool:
-        return self.state == "ready" and self._reload is None and len(self._active) < self.max_active
+        limit = 1 if self.thermal >= ThermalLevel.THROTTLE else self.max_active
+        return (
+            self.state == "ready" and not self.abandoned and self._reload is None
+            and self.thermal < ThermalLevel.PAUSE and len(self._active) < limit
+        )
+
+    def take_jobs(self) -> list[WorkerJob]:
+        """Abandon this worker and hand over its running jobs (the recovery requeues them)."""
+        self.abandoned = True
+        with self._active_lock:
+            jobs, self._active = self._active, []
+        for job in jobs:
+            job.stream = None  # the generator may be stuck in the hung thread: never resume it
+        return jobs
 
     def cancel(self, request_id: str) -> int:
         with self._active_lock:
@@ -119,7 +148,7 @@ class DeviceWorker(threading.Thread):
         self._load([s for s in self.specs if s.preload])
         self.loaded.set()
         engine = self.engine
-        while not engine.stopping:
+        while not engine.stopping and not self.abandoned:
             if self._reload is not None and not self._active:
                 self._do_reload()
             while self.accepting:
@@ -127,12 +156,18 @@ class DeviceWorker(threading.Thread):
                 if job is None:
                     break
                 self._start(job)
-            if not self._active:
+            if not self._active or self.thermal >= ThermalLevel.PAUSE:
                 if not self.accepting:
                     time.sleep(0.05)
                 continue
             for job in list(self._active):
+                if self.abandoned:
+                    return
                 self._step(job)
+            if self.thermal >= ThermalLevel.THROTTLE:
+                time.sleep(engine.config.throttle_delay)  # cool-down between rounds of steps
+        if self.abandoned:
+            return
         for job in list(self._active):
             self._fail(job, EngineError(ErrorCode.UNAVAILABLE, "the appliance is stopping; retry later"))
 
@@ -140,6 +175,7 @@ class DeviceWorker(threading.Thread):
         for spec in specs:
             started = time.monotonic()
             try:
+                self._check_cmm(spec)
                 self.runners[spec.id] = self.loader(spec, self.device_id, self.max_active)
             except Exception as exc:
                 self.reason = f"model {spec.id} failed to load: {exc}"
@@ -148,6 +184,18 @@ class DeviceWorker(threading.Thread):
             logger.info("device %d: %s loaded in %.1f s", self.device_id, spec.id, time.monotonic() - started)
         self.state = "ready"
         self.engine.notify_state()
+
+    def _check_cmm(self, spec: ModelSpec) -> None:
+        """Refuse a load the card's memory (CMM) cannot hold, instead of failing half-way."""
+        if self.monitor is None:
+            return
+        free = self.monitor.read(self.device_id).cmm_free_mib
+        if free is None:
+            return
+        need = bundle_mib(spec.path)
+        if need > free:
+            raise MemoryError(f"not enough CMM on device {self.device_id}: {free:.0f} MiB free, "
+                              f"the model needs about {need:.0f} MiB")
 
     def _do_reload(self) -> None:
         assert self._reload is not None
@@ -169,7 +217,7 @@ class DeviceWorker(threading.Thread):
             self._finish(job, Failed(EngineError(ErrorCode.CANCELLED, "cancelled before it started")))
             return
         deadline = handle.request.deadline
-        if deadline is not None and now > deadline:
+        if deadline is not None and now > deadline and job.attempts == 0:
             waited = now - handle.submitted
             self._finish(
                 job, Failed(EngineError(ErrorCode.EXPIRED, f"waited {waited:.1f} s, past its deadline"))
@@ -196,9 +244,18 @@ class DeviceWorker(threading.Thread):
             self._fail(job, EngineError(ErrorCode.TIMEOUT, f"generation took longer than {timeout:g} s"))
             return
         assert job.stream is not None
-        started = time.monotonic()
+        started = self.step_started = time.monotonic()
         try:
+            if self.monitor is not None:
+                self.monitor.before_step(self.device_id)
             resp = next(job.stream)
+        except DeviceFault as exc:
+            self.step_started = None
+            if not self.abandoned:
+                logger.error("device %d: %s", self.device_id, exc)
+                self.abandoned = True  # this thread steps nothing more; the recovery takes over
+                self.engine.device_fault(self, str(exc))
+            return
         except EngineError as exc:
             self._fail(job, exc)
             return
@@ -209,6 +266,9 @@ class DeviceWorker(threading.Thread):
             logger.exception("device %d: job %s failed", self.device_id, handle.id)
             self._fail(job, EngineError(ErrorCode.INTERNAL, f"generation failed: {exc}"))
             return
+        self.step_started = None
+        if self.abandoned:
+            return  # the step came back after the recovery took its job over
         now = time.monotonic()
         if resp.usage.completion_tokens > job.tokens_counted:
             self._count_tokens(job, resp.usage.completion_tokens, now)
@@ -216,9 +276,17 @@ class DeviceWorker(threading.Thread):
         if elapsed > self.engine.config.step_timeout:
             logger.warning("device %d: a step took %.1f s (watchdog %.1f s)", self.device_id, elapsed,
                            self.engine.config.step_timeout)
-        if resp.text:
-            job.parts.append(resp.text)
-            self._emit(handle, Delta(resp.text, resp.token))
+        text = resp.text
+        if job.resume and text:
+            n = min(len(text), len(job.resume))
+            if text[:n] != job.resume[:n]:
+                message = "the device was reset and the answer did not repeat identically; it was stopped"
+                self._fail(job, EngineError(ErrorCode.DEVICE_RESET, message))
+                return
+            job.resume, text = job.resume[n:], text[n:]
+        if text:
+            job.parts.append(text)
+            self._emit(handle, Delta(text, resp.token))
         elif resp.token is None and resp.finish_reason is None:
             self._emit(handle, Progress(resp.prompt_done, resp.usage.prompt_tokens))
         if resp.finish_reason is not None:
@@ -249,6 +317,8 @@ class DeviceWorker(threading.Thread):
         job.last_token_at = now
 
     def _emit(self, handle: JobHandle, event: JobEvent) -> None:
+        if self.abandoned:
+            return
         try:
             handle.sink(event)
         except Exception:

@@ -19,6 +19,7 @@ from types import ModuleType
 
 import numpy as np
 
+from npu.device.base import DeviceFault
 from npu.runtime.base import BackendUnavailableError, TensorInfo
 
 logger = logging.getLogger(__name__)
@@ -103,4 +104,10 @@ class AxEngineSession:
         feeds: dict[str, np.ndarray],
         shape_group: int = 0,
     ) -> list[np.ndarray]:
-        return self._sess.run(output_names, feeds, shape_group=shape_group)
+        try:
+            return self._sess.run(output_names, feeds, shape_group=shape_group)
+        except AssertionError:
+            raise  # a shape or dtype mismatch: a bug in the feeds, not the device
+        except RuntimeError as exc:
+            # "axclrtEngineExecute failed 0x...": the card is gone or wedged; the engine recovers it.
+            raise DeviceFault(f"NPU run failed: {exc}") from exc

@@ -1,0 +1,1 @@
+"""The NPU cards seen from the host: readings (temperature, memory, CMM, load) and resets."""

@@ -1,0 +1,79 @@
+"""Bringing a device back after it hung or faulted, without a person.
+
+The recovery runs on its own thread, since the worker's thread may be stuck inside the hung call.
+It takes the worker's running jobs over (each is retried once, and its client never sees a
+repeated word), resets the device through its monitor, starts a fresh worker that reloads the
+resident models, and resumes. Jobs still waiting in the queue simply wait. After ``attempts``
+failures, with a doubling pause between them, the device is declared failed: the engine then
+answers every request with a clear error instead of crash-looping.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from npu.device.base import DeviceResetError
+
+if TYPE_CHECKING:
+    from npu.engine.engine import Engine
+    from npu.engine.worker import DeviceWorker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    attempts: int = 3
+    backoff: float = 2.0  # seconds before the second attempt; doubles after each failure
+    backoff_max: float = 60.0
+    load_timeout: float = 600.0  # seconds the fresh worker may take to reload the models
+
+
+def recovery_delays(config: RecoveryConfig) -> list[float]:
+    """The pause before each attempt: none before the first, then doubling up to the cap."""
+    return [0.0] + [min(config.backoff * 2**i, config.backoff_max) for i in range(config.attempts - 1)]
+
+
+class Recovery(threading.Thread):
+    def __init__(self, engine: Engine, worker: DeviceWorker, reason: str) -> None:
+        super().__init__(name=f"recovery-dev{worker.device_id}", daemon=True)
+        self.engine = engine
+        self.worker = worker
+        self.reason = reason
+
+    def run(self) -> None:
+        engine, device = self.engine, self.worker.device_id
+        started = time.monotonic()
+        engine.emit_event("recovery_started", device=device, reason=self.reason)
+        engine.requeue_after_fault(self.worker.take_jobs())
+        last_error = self.reason
+        for attempt, delay in enumerate(recovery_delays(engine.recovery_config), start=1):
+            if engine.stopping or engine.stop_event.wait(delay):
+                return
+            engine.emit_event("device_reset", device=device, attempt=attempt)
+            try:
+                if self.worker.monitor is not None:
+                    self.worker.monitor.reset(device)
+                fresh = engine.replace_worker(self.worker)
+            except DeviceResetError as exc:
+                last_error = str(exc)
+            else:
+                if fresh.loaded.wait(engine.recovery_config.load_timeout) and not fresh.reason:
+                    seconds = round(time.monotonic() - started, 2)
+                    engine.emit_event("models_reloaded", device=device, models=sorted(fresh.runners))
+                    engine.emit_event("recovered", device=device, attempts=attempt, seconds=seconds)
+                    engine.metrics.recoveries.labels(str(device), "recovered").inc()
+                    engine.end_recovery(device)
+                    return
+                last_error = fresh.reason or "the models did not load in time"
+                fresh.take_jobs()
+                self.worker = fresh
+            logger.error("device %d: recovery attempt %d failed: %s", device, attempt, last_error)
+            engine.emit_event("recovery_attempt_failed", device=device, attempt=attempt, error=last_error)
+        engine.metrics.recoveries.labels(str(device), "failed").inc()
+        tries = engine.recovery_config.attempts
+        engine.device_failed(device, f"{self.reason}; {tries} recovery attempts failed, last: {last_error}")
