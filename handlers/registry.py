@@ -188,6 +188,8 @@ class Dispatcher:
         self.ctx = ctx
         self.registry = dict(registry) if registry is not None else build_registry()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # start (after the models load) may race a stop
+        self._stopped = False
 
     def handle(self, msg: InboundLike) -> Reply | None:
         """Dispatch one message on the caller's thread (the loop uses this; so do tests)."""
@@ -198,18 +200,23 @@ class Dispatcher:
             return None
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="mqtt-dispatcher", daemon=True)
-        self._thread.start()
+        """Start the thread; a dispatcher that was stopped stays stopped."""
+        with self._lock:
+            if self._thread is not None or self._stopped:
+                return
+            thread = threading.Thread(target=self._run, name="mqtt-dispatcher", daemon=True)
+            thread.start()
+            self._thread = thread
 
     def stop(self, timeout: float = 5.0) -> None:
         """Let the messages already queued be dispatched, then end the thread."""
-        if self._thread is None:
+        with self._lock:
+            self._stopped = True
+            thread, self._thread = self._thread, None
+        if thread is None:
             return
         self.inbound.put(_STOP)
-        self._thread.join(timeout)
-        self._thread = None
+        thread.join(timeout)
 
     def _run(self) -> None:
         while True:
