@@ -1,10 +1,11 @@
 """The resident process: start the pieces in order, stop them in reverse.
 
-Start: MQTT link (online, info, state ``loading``) -> engine (models loading) -> request
-dispatcher, once the models are loaded. Requests that arrive meanwhile, including prompts the
-broker kept while the appliance was down, wait in the inbound queue instead of being refused.
-Stop (SIGTERM, SIGINT): the engine answers every waiting job, the dispatcher drains, and the
-link publishes ``stopped`` before disconnecting. One stop event is shared by the main loop.
+Start: MQTT link (online, info, state ``loading``) -> engine (models loading) -> HTTP bridge ->
+health and telemetry jobs -> request dispatcher, once the models are loaded. Requests that arrive
+meanwhile, including prompts the broker kept while the appliance was down, wait in the inbound
+queue instead of being refused. Stop (SIGTERM, SIGINT): the jobs stop, the engine answers every
+waiting job, the bridge and the dispatcher drain, and the link publishes ``stopped`` before
+disconnecting. One stop event is shared by the main loop, which also pings systemd's watchdog.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from appliance import sd_notify
 from appliance.config import ApplianceConfig
+from appliance.health import HealthChecks, TelemetryJob, make_scheduler
 from appliance.mqtt_link import InboundMessage, MqttLink
 from appliance.topics import Topics
 from bridge_http.app import create_app
@@ -28,8 +31,12 @@ from bridge_http.bridge import BridgeSettings
 from bridge_http.server import HttpServer, HttpServerError
 from handlers.context import HandlerContext, Limits
 from handlers.registry import Dispatcher
+from npu.device.base import DeviceMonitor
+from npu.device.sim import SimEvent, SimMonitor, SimState
+from npu.device.thermal import ThermalLimits
 from npu.engine.api import EngineState
 from npu.engine.engine import Engine, EngineConfig
+from npu.engine.recovery import RecoveryConfig
 from npu.engine.worker import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -49,6 +56,18 @@ def model_specs(config: ApplianceConfig) -> list[ModelSpec]:
     ]
 
 
+def make_device_monitor(config: ApplianceConfig) -> DeviceMonitor:
+    device = config.device
+    if device.backend == "sim":
+        sim = device.sim
+        initial = SimState(temperature_c=sim.temperature_c, cmm_total_mib=sim.cmm_total_mib,
+                           cmm_used_mib=sim.cmm_used_mib)
+        return SimMonitor(initial, [SimEvent(**e.model_dump()) for e in sim.script])
+    from npu.device.factory import make_monitor
+
+    return make_monitor(device.backend, smi_path=device.smi_path)
+
+
 class Appliance:
     """The wired process; ``start()`` and ``stop()`` read as ordered lists of steps."""
 
@@ -57,6 +76,8 @@ class Appliance:
         self.topics = Topics(config.mqtt.base_topic, config.mqtt.shared_group)
         self.stop_event = threading.Event()
         self.started_at = time.time()
+        self.monitor = make_device_monitor(config)
+        thermal, recovery = config.device.thermal, config.device.recovery
         self.engine = Engine(
             model_specs(config),
             config=EngineConfig(
@@ -64,16 +85,30 @@ class Appliance:
                 request_timeout=config.engine.request_timeout,
                 step_timeout=config.engine.step_timeout,
                 max_active=config.engine.max_active,
+                throttle_delay=thermal.throttle_delay,
             ),
             device_ids=config.device.ids,
+            monitor=self.monitor,
+            recovery=RecoveryConfig(attempts=recovery.attempts, backoff=recovery.backoff,
+                                    backoff_max=recovery.backoff_max),
+        )
+        self.health = HealthChecks(
+            self.engine, self.monitor,
+            ThermalLimits(thermal.warn, thermal.throttle, thermal.pause, thermal.hysteresis), self.event,
         )
         self.inbound: queue.Queue[InboundMessage] = queue.Queue()
         self.link = MqttLink(
             config.mqtt, self.inbound, topics=self.topics, on_connected=self.publish_retained
         )
         context = HandlerContext(
-            self.engine, self.link.publish, self.topics, Limits(max_payload=config.mqtt.max_payload)
+            self.engine, self.link.publish, self.topics, Limits(max_payload=config.mqtt.max_payload),
+            sim=self.monitor if isinstance(self.monitor, SimMonitor) else None,
         )
+        self.telemetry = TelemetryJob(
+            self.engine, self.health, self.link.publish, self.topics, self.started_at
+        )
+        self.scheduler = make_scheduler(self.health, self.telemetry, config.device.health_interval,
+                                        config.telemetry.interval)
         self.dispatcher = Dispatcher(self.inbound, context)
         self.http: HttpServer | None = None
         if config.http.enabled:
@@ -84,19 +119,23 @@ class Appliance:
         logger.info("appliance %s starting (base topic %r)", app_version(), self.topics.base)
         self.link.start()
         self.engine.add_state_listener(self.publish_state)
+        self.engine.add_event_listener(lambda name, fields: self.event(name, **fields))
         self.engine.start(wait_loaded=False)
         self._start_http()
+        self.scheduler.start()
         self._ready = threading.Thread(target=self._when_loaded, name="when-loaded", daemon=True)
         self._ready.start()
 
     def stop(self) -> None:
         logger.info("appliance stopping")
         self.stop_event.set()
+        self.scheduler.shutdown(wait=False)
         self.engine.stop()
         if self.http is not None:
             self.http.stop()
         self.dispatcher.stop()
         self.link.stop("stopped")
+        self.monitor.close()
 
     def _start_http(self) -> None:
         """The bridge serves /health at once (503 while loading); if it cannot listen, MQTT goes on."""
@@ -160,9 +199,13 @@ def run(config: ApplianceConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: app.stop_event.set())
     app.start()
+    sd_notify.notify("READY=1")
+    ping = sd_notify.watchdog_interval()
     try:
-        while not app.stop_event.wait(1.0):
-            pass
+        while not app.stop_event.wait(min(1.0, ping or 1.0)):
+            if ping:
+                sd_notify.notify("WATCHDOG=1")
     finally:
+        sd_notify.notify("STOPPING=1")
         app.stop()
     return 0

@@ -1,7 +1,6 @@
 """The JSON the bridge sends: whole responses, SSE chunks and usage. Pure functions over results.
 
-Shapes follow what the ``openai`` client parses and what llama.cpp and vLLM send; see
-``shared/reference/openai-api.md``.
+Shapes follow what the ``openai`` client parses and what llama.cpp and vLLM send.
 """
 
 from __future__ import annotations
