@@ -129,7 +129,8 @@ class Appliance:
     def stop(self) -> None:
         logger.info("appliance stopping")
         self.stop_event.set()
-        self.scheduler.shutdown(wait=False)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
         self.engine.stop()
         if self.http is not None:
             self.http.stop()

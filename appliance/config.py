@@ -235,6 +235,11 @@ class TelemetryConfig(BaseConfig):
     interval: float = Field(10.0, ge=1, le=3600, description="Seconds between telemetry messages")
 
 
+class HomeAssistantConfig(BaseConfig):
+    enabled: bool = Field(True, description="Publish Home Assistant MQTT discovery (retained)")
+    name: str | None = Field(None, min_length=1, max_length=64, description="Device name shown in HA")
+
+
 # --- models -------------------------------------------------------------------------------------
 class ModelConfig(BaseConfig):
     """One resident model. ``path`` is kept as written; see ``ApplianceConfig.model_path``."""
@@ -265,6 +270,9 @@ class ApplianceConfig(BaseConfig):
         default_factory=EngineSectionConfig, description="Job queue and time limits"
     )
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Telemetry publishing")
+    homeassistant: HomeAssistantConfig = Field(
+        default_factory=HomeAssistantConfig, description="Home Assistant discovery"
+    )
     models: list[ModelConfig] = Field(
         default_factory=_demo_models, min_length=1, description="Resident models (default: the demo model)"
     )

@@ -100,11 +100,13 @@ class MqttLink:
         on_connected: Callable[[], None] | None = None,
         reconnect_delay: tuple[float, float] = (1, 30),
         stop_timeout: float = 5.0,
+        extra_topics: tuple[str, ...] = (),
     ) -> None:
         self.settings = settings
         self.inbound = inbound
         self.topics = topics or Topics(settings.base_topic, getattr(settings, "shared_group", None))
         self.on_connected = on_connected
+        self.extra_topics = extra_topics  # e.g. homeassistant/status, outside the request tree
         self.reconnect_delay = reconnect_delay
         self.stop_timeout = stop_timeout
         self.protocol = int(getattr(settings, "protocol", 5))
@@ -253,7 +255,7 @@ class MqttLink:
         logger.info("MQTT connected (session present: %s)", session)
         self.connected.set()
         client.publish(self.topics.status, "online", qos=1, retain=True)
-        filters = self.topics.subscriptions()
+        filters = [*self.topics.subscriptions(), *self.extra_topics]
         if self.is_v5:
             client.subscribe([(t, SubscribeOptions(qos=1)) for t in filters])
         else:

@@ -121,6 +121,11 @@ class Topics:
             raise ValueError(f"bad Home Assistant node id {node_id!r}")
         return f"{HA_PREFIX}/device/{node_id}/config"
 
+    @property
+    def ha_status(self) -> str:
+        """Home Assistant's birth and last-will topic: ``online`` asks for discovery again."""
+        return f"{HA_PREFIX}/status"
+
     # inbound ----------------------------------------------------------------------------------
     def subscriptions(self) -> list[str]:
         """Topic filters the link subscribes to (QoS 1) on every connect."""

@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -183,8 +183,10 @@ class Dispatcher:
         inbound: queue.Queue[Any],
         ctx: HandlerContext,
         registry: Mapping[str, HandlerSpec] | None = None,
+        side_topics: Mapping[str, Callable[[bytes], None]] | None = None,
     ) -> None:
         self.inbound = inbound
+        self.side_topics = dict(side_topics or {})  # topic -> callback, for topics that are not requests
         self.ctx = ctx
         self.registry = dict(registry) if registry is not None else build_registry()
         self._thread: threading.Thread | None = None
@@ -193,6 +195,13 @@ class Dispatcher:
 
     def handle(self, msg: InboundLike) -> Reply | None:
         """Dispatch one message on the caller's thread (the loop uses this; so do tests)."""
+        side = self.side_topics.get(getattr(msg, "topic", ""))
+        if side is not None:
+            try:
+                side(bytes(msg.payload))
+            except Exception:
+                logger.exception("handling %r failed", msg.topic)
+            return None
         try:
             return dispatch(msg, self.ctx, self.registry)
         except Exception:  # dispatch never raises; belt and braces for the loop

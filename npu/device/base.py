@@ -16,6 +16,10 @@ class DeviceResetError(RuntimeError):
     """The device could not be reset (the tool failed, timed out, or the device stays dead)."""
 
 
+class DeviceUnavailableError(RuntimeError):
+    """A monitor backend cannot be used here (library missing, no card); the message says why."""
+
+
 class DeviceFault(RuntimeError):
     """An inference step failed because the device went away (reset or dead)."""
 
