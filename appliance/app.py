@@ -22,6 +22,7 @@ from typing import Any
 
 from appliance import sd_notify
 from appliance.config import ApplianceConfig
+from appliance.ha_discovery import build_discovery, discovery_changed
 from appliance.health import HealthChecks, TelemetryJob, make_scheduler
 from appliance.mqtt_link import InboundMessage, MqttLink
 from appliance.topics import Topics
@@ -97,8 +98,11 @@ class Appliance:
             ThermalLimits(thermal.warn, thermal.throttle, thermal.pause, thermal.hysteresis), self.event,
         )
         self.inbound: queue.Queue[InboundMessage] = queue.Queue()
+        ha = config.homeassistant.enabled
+        self._discovery: dict[str, Any] | None = None
         self.link = MqttLink(
-            config.mqtt, self.inbound, topics=self.topics, on_connected=self.publish_retained
+            config.mqtt, self.inbound, topics=self.topics, on_connected=self.publish_retained,
+            extra_topics=(self.topics.ha_status,) if ha else (),
         )
         context = HandlerContext(
             self.engine, self.link.publish, self.topics, Limits(max_payload=config.mqtt.max_payload),
@@ -109,7 +113,8 @@ class Appliance:
         )
         self.scheduler = make_scheduler(self.health, self.telemetry, config.device.health_interval,
                                         config.telemetry.interval)
-        self.dispatcher = Dispatcher(self.inbound, context)
+        side = {self.topics.ha_status: self._on_ha_status} if ha else {}
+        self.dispatcher = Dispatcher(self.inbound, context, side_topics=side)
         self.http: HttpServer | None = None
         if config.http.enabled:
             settings = BridgeSettings(api_key=config.http.api_key, max_n=config.http.max_n)
@@ -184,6 +189,22 @@ class Appliance:
     def publish_retained(self) -> None:
         self.link.publish(self.topics.info, json.dumps(self.info()), qos=1, retain=True)
         self.publish_state(self.engine.state())
+        self.publish_discovery()
+
+    def publish_discovery(self, force: bool = False) -> None:
+        """Home Assistant's device config, retained; sent again only when it changed or HA restarted."""
+        if not self.config.homeassistant.enabled:
+            return
+        topic, payload = build_discovery(self.topics, version=app_version(),
+                                         model_ids=[m.id for m in self.config.models],
+                                         name=self.config.homeassistant.name)
+        if force or discovery_changed(self._discovery, payload):
+            self.link.publish(topic, json.dumps(payload), qos=1, retain=True)
+            self._discovery = payload
+
+    def _on_ha_status(self, payload: bytes) -> None:
+        if payload.strip() == b"online":  # HA (re)started: it asks every device to announce itself
+            self.publish_discovery(force=True)
 
     def publish_state(self, state: EngineState) -> None:
         payload = {**asdict(state), "ts": round(time.time(), 3)}
