@@ -176,7 +176,8 @@ class Appliance:
             "version": app_version(),
             "base_topic": self.topics.base,
             "models": [asdict(m) for m in self.engine.models()],
-            "device": {"backend": self.config.device.backend, "ids": self.config.device.ids},
+            "device": {"backend": self.config.device.backend, "monitor": self.monitor.name,
+                       "ids": self.config.device.ids},
             "limits": {
                 "queue_max": self.config.engine.queue_max,
                 "request_timeout": self.config.engine.request_timeout,

@@ -47,6 +47,7 @@ async def handle_health(request: Request) -> Response:
     """200 when requests are being taken; 503 (with the reason) while loading, paused or recovering."""
     engine = request.app.state.bridge.engine
     state = engine.state()
+    recovering, failed = engine.recovering, engine.failed_devices
     body = {
         "status": "ok" if state.state in READY else "unavailable",
         **asdict(state),
@@ -55,6 +56,12 @@ async def handle_health(request: Request) -> Response:
         ],
         "jobs_done": engine.jobs_done,
         "jobs_failed": engine.jobs_failed,
+        "devices": [
+            {**reading.as_dict(), "thermal": worker.thermal.label,
+             "recovering": worker.device_id in recovering, "failed": failed.get(worker.device_id)}
+            for worker in engine.workers
+            if (reading := engine.readings.get(worker.device_id)) is not None
+        ],
     }
     if state.state in READY:
         return JSONResponse(body)

@@ -99,7 +99,11 @@ def test_a_hang_set_over_mqtt_is_recovered_with_events_and_health(  # type: igno
         deadline = time.monotonic() + 10
         while httpx.get(health_url, timeout=5).status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert httpx.get(health_url, timeout=5).json()["status"] == "ok"
+        healthy = httpx.get(health_url, timeout=5).json()
+        assert healthy["status"] == "ok"
+        (device,) = healthy["devices"]
+        assert device["source"] == "sim" and device["thermal"] == "normal" and device["recovering"] is False
+        assert device["temperature_c"] == 50.0
     finally:
         c.close()
 
