@@ -10,6 +10,7 @@ The thermal level throttles (one job at a time, a pause between rounds) or holds
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -205,6 +206,7 @@ class DeviceWorker(threading.Thread):
         specs = [s for s in self.specs if model_id is None or s.id == model_id]
         for spec in specs:
             self.runners.pop(spec.id, None)
+        gc.collect()  # free the old sessions' device memory before the CMM check of the new load
         self.reason = None
         self._load(specs)
         self._reload = None
