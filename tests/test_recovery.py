@@ -193,3 +193,20 @@ def test_low_cmm_refuses_a_model_load_and_says_so(make) -> None:  # type: ignore
     engine.reload("demo", timeout=60)
     job = Job(engine)
     assert job.handle.wait(60) and isinstance(job.final, Done)
+
+
+def test_with_two_cards_a_dead_one_leaves_the_other_serving(demo_bundle_fp32: Path) -> None:
+    sim = SimMonitor(reset_seconds=0.05)
+    engine = Engine([ModelSpec("demo", "chat", demo_bundle_fp32, runtime="onnx")],
+                    config=EngineConfig(max_active=1, step_timeout=1.0), device_ids=(0, 1), monitor=sim,
+                    recovery=RecoveryConfig(attempts=1, backoff=0.1))
+    engine.start(timeout=120)
+    try:
+        sim.set(1, fault="dead")
+        jobs = [Job(engine, GenerationParams(max_tokens=8, temperature=0)) for _ in range(4)]
+        drive_watchdog(engine, lambda: all(j.handle.wait(0) for j in jobs))
+        assert all(isinstance(j.final, Done) for j in jobs), "device 0 answers everything"
+        assert engine.failed_devices.keys() == {1} and engine.state().state == "idle"
+        assert "device 1" in (engine.state().reason or "")
+    finally:
+        engine.stop()
