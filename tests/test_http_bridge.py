@@ -374,3 +374,15 @@ def test_an_api_key_guards_v1_but_not_health(serve: Callable[..., str]) -> None:
     assert error["type"] == "invalid_request_error" and "Bearer" in error["message"]
     assert OpenAI(base_url=url, api_key="s3cret", max_retries=0).models.list().data[0].id == MODEL
     assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 200
+
+
+def test_a_second_turn_reports_the_reused_prefix_as_cached_tokens(client: OpenAI) -> None:
+    story = "The gallery has a long corridor of mirrors and slow lights. " * 25
+    turn1 = [{"role": "system", "content": story}, {"role": "user", "content": "Name one colour."}]
+    first = client.chat.completions.create(model=MODEL, messages=turn1, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+    turn2 = [*turn1, {"role": "assistant", "content": first.choices[0].message.content or ""},
+             {"role": "user", "content": "Another one."}]
+    second = client.chat.completions.create(model=MODEL, messages=turn2, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+    cached = second.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # type: ignore[union-attr]
+    assert cached is not None and cached >= 256 and cached < second.usage.prompt_tokens  # type: ignore[union-attr]
