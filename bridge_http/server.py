@@ -47,7 +47,7 @@ class HttpServer:
     @property
     def bound_port(self) -> int:
         """The port actually listened on (useful with port 0)."""
-        for server in self.server.servers:
+        for server in getattr(self.server, "servers", []):  # set once uvicorn has started
             for sock in server.sockets:
                 return int(sock.getsockname()[1])
         return self.port
