@@ -1,0 +1,255 @@
+"""The production broker: mosquitto/production.conf with the users, ACL and TLS pair that
+scripts/mosquitto_users makes. Every role can do what it must and nothing else."""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from mqtt_broker import MOSQUITTO, free_port, port_open
+from mqtt_client import write_config
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from appliance.app import Appliance
+from appliance.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+NOT_AUTHORIZED = 135  # MQTT 5 reason code 0x87
+
+
+class Broker:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        subprocess.run([str(ROOT / "scripts/mosquitto_users"), "--dir", str(folder / "etc"),
+                        "--user", "arduino-7:prompter"], check=True, capture_output=True)
+        self.passwords = dict(line.split(":", 1) for line in (folder / "etc/credentials").read_text().split())
+        self.port, self.tls_port, self.ws_port = free_port(), free_port(), free_port()
+        conf = (ROOT / "mosquitto/production.conf").read_text()
+        conf = conf.replace("/etc/mosquitto/appliance", str(folder / "etc"))
+        conf = conf.replace("/var/lib/mosquitto/", f"{folder}/data/")
+        for default, port in (("1883", self.port), ("8883", self.tls_port), ("9001", self.ws_port)):
+            conf = re.sub(rf"^listener {default}$", f"listener {port} 127.0.0.1", conf, flags=re.M)
+        (folder / "data").mkdir()
+        self.conf = folder / "mosquitto.conf"
+        self.conf.write_text(conf + "\nuser root\nlog_dest stderr\n")
+        self.log = (folder / "mosquitto.log").open("wb")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 10
+        while not all(port_open(p) for p in (self.port, self.tls_port, self.ws_port)):
+            assert self.proc.poll() is None, (folder / "mosquitto.log").read_text()
+            assert time.monotonic() < deadline, "the production broker did not open its ports"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    b = Broker(tmp_path_factory.mktemp("production-broker"))
+    yield b
+    b.stop()
+
+
+class Session:
+    """A v5 client that reports the broker's answers: CONNACK, SUBACK and PUBACK reason codes."""
+
+    def __init__(self, broker: Broker, user: str | None, password: str | None = None, *,
+                 transport: str = "tcp", tls: bool = False) -> None:
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, transport=transport)  # type: ignore[arg-type]
+        if user is not None:
+            self.c.username_pw_set(user, password if password is not None else broker.passwords[user])
+        port = broker.ws_port if transport == "websockets" else broker.port
+        if tls:
+            self.c.tls_set(ca_certs=str(broker.folder / "etc/certs/ca.crt"), cert_reqs=ssl.CERT_REQUIRED)
+            port = broker.tls_port
+        self.connack: Any = None
+        self.acks: dict[int, Any] = {}
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.cond = threading.Condition()
+        self.c.on_connect = self._on_connect
+        self.c.on_subscribe = lambda c, u, mid, codes, p: self._ack(mid, codes[0])
+        self.c.on_publish = lambda c, u, mid, code, p: self._ack(mid, code)
+        self.c.on_message = self._on_message
+        self.c.connect("localhost" if tls else "127.0.0.1", port, keepalive=10)
+        self.c.loop_start()
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.connack is not None, 10), "no CONNACK"
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, code: Any, props: Any) -> None:
+        with self.cond:
+            self.connack = code
+            self.cond.notify_all()
+
+    def _ack(self, mid: int, code: Any) -> None:
+        with self.cond:
+            self.acks[mid] = code
+            self.cond.notify_all()
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.cond:
+            self.messages.append(msg)
+            self.cond.notify_all()
+
+    def _wait_ack(self, mid: int) -> int:
+        with self.cond:
+            assert self.cond.wait_for(lambda: mid in self.acks, 10), "no acknowledgement"
+            return int(self.acks[mid].value)
+
+    def can_subscribe(self, topic: str) -> bool:
+        _, mid = self.c.subscribe(topic, options=SubscribeOptions(qos=1))
+        return self._wait_ack(mid) in (0, 1, 2)
+
+    def can_publish(self, topic: str, payload: str = "x") -> bool:
+        code = self._wait_ack(self.c.publish(topic, payload, qos=1).mid)
+        assert code in (0, 16, NOT_AUTHORIZED), code  # 16: accepted, nobody subscribed
+        return code != NOT_AUTHORIZED
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def test_anonymous_and_wrong_passwords_are_refused(broker: Broker) -> None:
+    for user, password in ((None, None), ("prompter", "wrong"), ("nobody", "x")):
+        s = Session(broker, user, password)
+        assert s.connack.is_failure, (user, s.connack)
+        s.close()
+
+
+# role: (may publish, may read); concrete topics, so reading is checked by delivery.
+ALLOWED: dict[str, tuple[list[str], list[str]]] = {
+    "prompter": (["appliance/request/chat", "appliance/request/image"],
+                 ["appliance/response/chat", "appliance/response/chat/text", "appliance/stream/a1",
+                  "appliance/status", "replies/arduino-7"]),
+    "display": ([], ["appliance/display/main", "appliance/display/main/meta", "appliance/status"]),
+    "dashboard": (["appliance/request/chat"],
+                  ["appliance/telemetry", "appliance/telemetry/queue_depth", "appliance/status",
+                   "appliance/state", "appliance/event", "appliance/display/main"]),
+    "homeassistant": (["homeassistant/status", "appliance/request/restart", "appliance/request/pause"],
+                      ["homeassistant/device/x/config", "appliance/telemetry/queue_depth",
+                       "appliance/state"]),
+    "appliance": (["appliance/status", "appliance/display/main", "homeassistant/device/x/config",
+                   "replies/a"],
+                  ["appliance/request/chat", "homeassistant/status"]),
+    "admin": (["anything/at/all"], ["anything/at/all"]),
+}
+# role: (must not publish, must not read)
+DENIED: dict[str, tuple[list[str], list[str]]] = {
+    "prompter": (["appliance/status", "appliance/display/main", "appliance/request/restart",
+                  "appliance/telemetry/queue_depth", "homeassistant/device/x/config"],
+                 ["appliance/display/main", "appliance/request/chat", "appliance/event"]),
+    "display": (["appliance/request/chat", "appliance/request/image", "appliance/display/main"],
+                ["appliance/request/chat", "appliance/telemetry/queue_depth", "appliance/response/chat"]),
+    "dashboard": (["appliance/status", "appliance/request/restart", "appliance/display/main"],
+                  ["appliance/request/chat", "homeassistant/status"]),
+    "homeassistant": (["appliance/status", "appliance/display/main"], ["appliance/request/chat"]),
+    "appliance": (["other/topic"], ["other/topic"]),
+}
+
+
+def reads(role: Session, admin: Session, topics: list[str]) -> list[str]:
+    """The topics among ``topics`` on which ``role`` receives what the admin publishes."""
+    for topic in topics:
+        role.can_subscribe(topic)
+    for topic in topics:
+        admin.can_publish(topic, "probe")
+    time.sleep(0.4)
+    with role.cond:
+        got = sorted({m.topic for m in role.messages})
+        role.messages.clear()
+    return got
+
+
+@pytest.mark.parametrize("role", sorted(ALLOWED))
+def test_each_role_can_do_what_it_must_and_nothing_else(broker: Broker, role: str) -> None:
+    s, admin = Session(broker, role), Session(broker, "admin")
+    try:
+        assert not s.connack.is_failure
+        may_publish, may_read = ALLOWED[role]
+        must_not_publish, must_not_read = DENIED.get(role, ([], []))
+        assert [t for t in may_publish if not s.can_publish(t)] == []
+        assert [t for t in must_not_publish if s.can_publish(t)] == []
+        assert reads(s, admin, may_read) == sorted(set(may_read))
+        assert reads(s, admin, must_not_read) == []
+    finally:
+        s.close()
+        admin.close()
+
+
+def test_a_wildcard_subscription_only_delivers_what_the_role_may_read(broker: Broker) -> None:
+    """Mosquitto accepts a subscription to '#' and filters each message by the reader's ACL."""
+    dashboard, admin = Session(broker, "dashboard"), Session(broker, "admin")
+    try:
+        dashboard.can_subscribe("#")
+        for topic in ("appliance/request/chat", "appliance/telemetry/queue_depth", "replies/x"):
+            admin.can_publish(topic, topic)
+        with dashboard.cond:
+            assert dashboard.cond.wait_for(lambda: dashboard.messages, 5)
+        time.sleep(0.3)
+        assert [m.topic for m in dashboard.messages] == ["appliance/telemetry/queue_depth"]
+    finally:
+        dashboard.close()
+        admin.close()
+
+
+def test_a_refused_prompt_never_reaches_the_appliance(broker: Broker) -> None:
+    appliance = Session(broker, "appliance")
+    display, sensor = Session(broker, "display"), Session(broker, "arduino-7")
+    try:
+        assert appliance.can_subscribe("appliance/request/+")
+        display.can_publish("appliance/request/chat", "from a display")
+        sensor.can_publish("appliance/request/chat", "from a sensor")
+        with appliance.cond:
+            assert appliance.cond.wait_for(lambda: appliance.messages, 5)
+        time.sleep(0.3)
+        assert [m.payload for m in appliance.messages] == [b"from a sensor"]
+    finally:
+        for s in (appliance, display, sensor):
+            s.close()
+
+
+def test_tls_and_websockets_listeners(broker: Broker) -> None:
+    tls = Session(broker, "prompter", tls=True)
+    ws = Session(broker, "dashboard", transport="websockets")
+    try:
+        assert not tls.connack.is_failure and tls.can_publish("appliance/request/chat")
+        assert not ws.connack.is_failure and ws.can_subscribe("appliance/telemetry/#")
+    finally:
+        tls.close()
+        ws.close()
+
+
+def test_the_appliance_runs_against_it_with_its_own_user(  # type: ignore[no-untyped-def]
+    broker: Broker, tmp_path: Path, demo_bundle_fp32: Path,
+) -> None:
+    path = write_config(tmp_path, broker.port, "appliance", demo_bundle_fp32,
+                        mqtt={"username": "appliance", "password": broker.passwords["appliance"]})
+    app = Appliance(load_config(path, env={}))
+    app.start()
+    sensor = Session(broker, "arduino-7")
+    try:
+        for worker in app.engine.workers:
+            assert worker.loaded.wait(60)
+        assert app.link.subscribed.wait(10)
+        assert sensor.can_subscribe("appliance/response/chat")
+        sensor.can_publish("appliance/request/chat", json.dumps({"id": "t", "prompt": "Hi", "max_tokens": 3}))
+        with sensor.cond:
+            assert sensor.cond.wait_for(lambda: sensor.messages, 30)
+        reply = json.loads(sensor.messages[0].payload)
+        assert reply["id"] == "t" and reply["status"] == "ok"
+    finally:
+        sensor.close()
+        app.stop()
