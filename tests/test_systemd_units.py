@@ -1,0 +1,59 @@
+"""The systemd units: systemd-analyze finds nothing to say, and the settings the appliance relies on."""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+UNITS = ROOT / "systemd"
+ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
+
+
+def verify(unit: Path, unit_path: Path | None = None) -> str:
+    env = {"PATH": "/usr/bin:/bin", **({"SYSTEMD_UNIT_PATH": f"{unit_path}:"} if unit_path else {})}
+    done = subprocess.run([ANALYZE, "verify", str(unit)], capture_output=True, text=True, env=env,
+                          check=False)
+    failed = "" if done.returncode == 0 else f" (exit {done.returncode})"
+    return (done.stdout + done.stderr).strip() + failed
+
+
+def read_unit(path: Path) -> configparser.RawConfigParser:
+    parser = configparser.RawConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(path)
+    return parser
+
+
+def test_the_appliance_unit_verifies_cleanly(tmp_path: Path) -> None:
+    text = (UNITS / "appliance.service").read_text()
+    # verify insists that ExecStart exists: point it at this checkout's command.
+    command = str(Path(sys.executable).with_name("appliance"))
+    local = text.replace("/opt/appliance/.venv/bin/appliance", command)
+    (tmp_path / "appliance.service").write_text(local)
+    assert verify(tmp_path / "appliance.service") == ""
+
+
+def test_the_appliance_unit_keeps_the_promises_of_the_design() -> None:
+    unit = read_unit(UNITS / "appliance.service")
+    service = unit["Service"]
+    assert service["Type"] == "notify" and int(service["WatchdogSec"]) >= 10, "sd_notify watchdog"
+    assert service["Restart"] == "always" and service["User"] == "appliance"
+    assert "appliance run" in service["ExecStart"]
+    assert "mosquitto.service" in unit["Unit"]["After"] and "network-online.target" in unit["Unit"]["After"]
+    assert int(unit["Unit"]["StartLimitBurst"]) >= 3, "no endless crash loop"
+    assert service.get("PrivateDevices", "no") == "no", "the card's /dev/axcl* must stay reachable"
+    assert "/usr/lib/axcl" in service["Environment"]
+
+
+def test_the_mosquitto_drop_in_verifies_with_debians_unit(tmp_path: Path) -> None:
+    shutil.copy("/lib/systemd/system/mosquitto.service", tmp_path / "mosquitto.service")  # Debian's own
+    (tmp_path / "mosquitto.service.d").mkdir()
+    drop_in_file = UNITS / "mosquitto.service.d/appliance.conf"
+    shutil.copy(drop_in_file, tmp_path / "mosquitto.service.d/appliance.conf")
+    assert verify(tmp_path / "mosquitto.service", unit_path=tmp_path) == ""
+    drop_in = read_unit(drop_in_file)
+    assert "/etc/mosquitto/appliance/mosquitto.conf" in drop_in["Service"]["ExecStart"]
