@@ -22,6 +22,7 @@ from typing import Any
 
 from appliance import sd_notify
 from appliance.config import ApplianceConfig
+from appliance.device_monitor import make_device_monitor
 from appliance.ha_discovery import build_discovery, discovery_changed
 from appliance.health import HealthChecks, TelemetryJob, make_scheduler
 from appliance.mqtt_link import InboundMessage, MqttLink
@@ -32,8 +33,7 @@ from bridge_http.bridge import BridgeSettings
 from bridge_http.server import HttpServer, HttpServerError
 from handlers.context import HandlerContext, Limits
 from handlers.registry import Dispatcher
-from npu.device.base import DeviceMonitor
-from npu.device.sim import SimEvent, SimMonitor, SimState
+from npu.device.sim import SimMonitor
 from npu.device.thermal import ThermalLimits
 from npu.engine.api import EngineState
 from npu.engine.engine import Engine, EngineConfig
@@ -55,18 +55,6 @@ def model_specs(config: ApplianceConfig) -> list[ModelSpec]:
         ModelSpec(m.id, m.kind, config.model_path(m), runtime=m.runtime, preload=m.preload, default=m.default)
         for m in config.models
     ]
-
-
-def make_device_monitor(config: ApplianceConfig) -> DeviceMonitor:
-    device = config.device
-    if device.backend == "sim":
-        sim = device.sim
-        initial = SimState(temperature_c=sim.temperature_c, cmm_total_mib=sim.cmm_total_mib,
-                           cmm_used_mib=sim.cmm_used_mib)
-        return SimMonitor(initial, [SimEvent(**e.model_dump()) for e in sim.script])
-    from npu.device.factory import make_monitor
-
-    return make_monitor(device.backend, smi_path=device.smi_path)
 
 
 class Appliance:

@@ -12,6 +12,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from appliance.config import ApplianceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +191,30 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"model      {model.id} ({model.kind}, runtime {model.runtime}{flags}): {path}: {state}")
     if not ok:
         print("some models are missing; 'appliance models demo' creates the demo one", file=sys.stderr)
-    return 0 if ok else 1
+        return 1
+    return 0 if check_cmm(config) else 1
+
+
+def check_cmm(config: ApplianceConfig) -> bool:
+    """Print, per card, the preloaded models' CMM need against the card's CMM; False if it cannot fit."""
+    from appliance.device_monitor import make_device_monitor
+    from npu.device.cmm_plan import CmmPlan, bundle_mib
+
+    needs = {m.id: bundle_mib(config.model_path(m)) for m in config.models if m.preload}
+    monitor = make_device_monitor(config)
+    fits = True
+    try:
+        for device in config.device.ids:
+            reading = monitor.read(device)
+            plan = CmmPlan(needs, reading.cmm_total_mib, reading.cmm_free_mib)
+            print(f"cmm        device {device} ({monitor.name}): {plan.describe()}")
+            fits = fits and plan.fits is not False
+    finally:
+        monitor.close()
+    if not fits:
+        print("the models do not fit the card's CMM: choose smaller models or fewer preloaded ones",
+              file=sys.stderr)
+    return fits
 
 
 def _one_line(text: str) -> str:

@@ -128,3 +128,29 @@ def test_convert_needs_force_to_overwrite(tmp_path: Path, capsys: pytest.Capture
     dest = fake_bundle(tmp_path / "bundle")
     assert main(["models", "convert", str(tmp_path / "x.gguf"), str(dest)]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
+
+
+def test_check_refuses_models_that_do_not_fit_the_cards_cmm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = fake_bundle(tmp_path / "models" / "big")
+    (bundle / "weights.bin").write_bytes(b"\0" * (3 * 2**20))  # 3 MiB of "weights"
+    models = [{"id": "big", "path": "models/big"}]
+    small_card = {"backend": "sim", "sim": {"cmm_total_mib": 514, "cmm_used_mib": 0}}
+    path = write_config(tmp_path, {"device": small_card, "models": models})
+    assert main(["check", "-c", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "device 0 (sim): models need about 3 MiB" in captured.out and "DOES NOT FIT" in captured.out
+    assert "do not fit" in captured.err
+    roomy = write_config(tmp_path, {"device": {"backend": "sim"}, "models": models})
+    assert main(["check", "-c", str(roomy)]) == 0
+    assert "of 7040 MiB" in capsys.readouterr().out
+
+
+def test_cmm_plan() -> None:
+    from npu.device.cmm_plan import CmmPlan
+
+    plan = CmmPlan({"llm": 4900.0, "sd": 2100.0}, total_mib=7040.0, free_mib=7000.0)
+    assert plan.need_mib == 7000.0 and plan.fits is False and "DOES NOT FIT" in plan.describe()
+    assert CmmPlan({"llm": 3000.0}, 7040.0, None).fits is True
+    assert CmmPlan({"llm": 3000.0}, None, None).fits is None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from npu.device.base import DeviceFault, DeviceMonitor
+from npu.device.cmm_plan import bundle_mib
 from npu.device.thermal import ThermalLevel
 from npu.engine.api import (
     ChatResult,
@@ -56,11 +57,6 @@ class ModelSpec:
 
 
 RunnerLoader = Callable[[ModelSpec, int, int], LLMRunner]
-
-
-def bundle_mib(path: Path) -> float:
-    """A model's size on disk, a fair estimate of the card memory its weights take."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
 def load_runner(spec: ModelSpec, device_id: int, cache_slots: int) -> LLMRunner:
