@@ -125,9 +125,11 @@ def test_stream_is_ordered_and_complete(start_app, client: Client, mqtt_base_top
 def test_full_queue_is_busy_and_cancel_frees_it(start_app, client: Client, mqtt_base_topic: str) -> None:  # type: ignore[no-untyped-def]
     start_app(engine={"queue_max": 1, "max_active": 1})
     base = mqtt_base_topic
-    client.subscribe(f"{base}/response/#")
+    client.subscribe(f"{base}/response/#", f"{base}/stream/b0")
     long = {"prompt": "Tell a very long story.", "max_tokens": 400, "temperature": 0.8, "seed": 1}
-    for i in range(3):
+    client.publish(f"{base}/request/chat", {"id": "b0", **long, "stream": True})
+    client.wait(lambda: bool(client.messages[f"{base}/stream/b0"]))  # b0 runs: the queue is empty
+    for i in (1, 2):
         client.publish(f"{base}/request/chat", {"id": f"b{i}", **long})
     client.wait(lambda: any(r["id"] == "b2" for r in client.json(f"{base}/response/chat")))
     busy = next(r for r in client.json(f"{base}/response/chat") if r["id"] == "b2")
