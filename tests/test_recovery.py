@@ -74,6 +74,8 @@ def make(demo_bundle_fp32: Path) -> Iterator[Callable[..., Made]]:
 
     yield build
     for engine in made:
+        if engine.monitor is not None:
+            engine.monitor.close()  # ends a hang still in progress
         engine.stop()
 
 

@@ -34,6 +34,7 @@ from npu.engine.metrics import EngineMetrics
 from npu.engine.recovery import Recovery, RecoveryConfig
 from npu.engine.worker import DeviceWorker, ModelSpec, RunnerLoader, WorkerJob
 from npu.llm.runner import ContextLengthError
+from npu.runtime.memory import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class Engine:
         self.loader = loader
         self.monitor = monitor
         self.recovery_config = recovery or RecoveryConfig()
+        self._every_worker: list[DeviceWorker] = []  # replaced ones too: stop frees their models
         self._paused_reason: str | None = None
         self._stopping = False
         self._last_state: EngineState | None = None
@@ -98,8 +100,10 @@ class Engine:
         self.workers = [self._new_worker(device_id) for device_id in device_ids]
 
     def _new_worker(self, device_id: int) -> DeviceWorker:
-        return DeviceWorker(device_id, self.models_list, self, loader=self.loader,
-                            max_active=self.config.max_active, monitor=self.monitor)
+        worker = DeviceWorker(device_id, self.models_list, self, loader=self.loader,
+                              max_active=self.config.max_active, monitor=self.monitor)
+        self._every_worker.append(worker)
+        return worker
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self, *, wait_loaded: bool = True, timeout: float | None = None) -> None:
@@ -124,6 +128,10 @@ class Engine:
             job.handle.finish(Failed(EngineError(ErrorCode.UNAVAILABLE, STOPPING)))
         for worker in self.workers:
             worker.join(timeout)
+        for worker in self._every_worker:
+            if not worker.is_alive():  # a thread stuck in a hung call keeps what it holds
+                worker.runners.clear()  # the models' sessions and caches: gigabytes on the CPU twin
+        release_freed_memory()
         self._notify_state()
 
     # front-door API --------------------------------------------------------------------------

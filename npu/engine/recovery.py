@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from npu.device.base import DeviceResetError
+from npu.runtime.memory import release_freed_memory
 
 if TYPE_CHECKING:
     from npu.engine.engine import Engine
@@ -68,6 +69,9 @@ class Recovery(threading.Thread):
                     engine.emit_event("recovered", device=device, attempts=attempt, seconds=seconds)
                     engine.metrics.recoveries.labels(str(device), "recovered").inc()
                     engine.end_recovery(device)
+                    if not self.worker.is_alive():
+                        self.worker.runners.clear()  # the abandoned worker's models
+                        release_freed_memory()
                     return
                 last_error = fresh.reason or "the models did not load in time"
                 fresh.take_jobs()

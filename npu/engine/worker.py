@@ -10,7 +10,6 @@ The thermal level throttles (one job at a time, a pause between rounds) or holds
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from npu.engine.api import (
 )
 from npu.llm.params import GenerationResponse
 from npu.llm.runner import LLMRunner
+from npu.runtime.memory import release_freed_memory
 
 if TYPE_CHECKING:
     from npu.engine.engine import Engine
@@ -202,7 +202,7 @@ class DeviceWorker(threading.Thread):
         specs = [s for s in self.specs if model_id is None or s.id == model_id]
         for spec in specs:
             self.runners.pop(spec.id, None)
-        gc.collect()  # free the old sessions' device memory before the CMM check of the new load
+        release_freed_memory()  # the old sessions' memory goes back before the new load is checked
         self.reason = None
         self._load(specs)
         self._reload = None
