@@ -110,11 +110,13 @@ class Appliance:
 
     def start(self) -> None:
         logger.info("appliance %s starting (base topic %r)", app_version(), self.topics.base)
+        http_error = self._start_http()  # first, so the retained info sent on connect names the port
         self.link.start()
+        if http_error:
+            self.event("http_failed", error=http_error)
         self.engine.add_state_listener(self.publish_state)
         self.engine.add_event_listener(lambda name, fields: self.event(name, **fields))
         self.engine.start(wait_loaded=False)
-        self._start_http()
         self.scheduler.start()
         self._ready = threading.Thread(target=self._when_loaded, name="when-loaded", daemon=True)
         self._ready.start()
@@ -131,10 +133,10 @@ class Appliance:
         self.link.stop("stopped")
         self.monitor.close()
 
-    def _start_http(self) -> None:
+    def _start_http(self) -> str | None:
         """The bridge serves /health at once (503 while loading); if it cannot listen, MQTT goes on."""
         if self.http is None:
-            return
+            return None
         warning = exposure_warning(self.config.http.host, self.config.http.api_key)
         if warning:
             logger.warning(warning)
@@ -142,8 +144,9 @@ class Appliance:
             self.http.start()
         except HttpServerError as exc:
             logger.error("%s; MQTT requests are still served", exc)
-            self.event("http_failed", error=str(exc))
             self.http = None
+            return str(exc)
+        return None
 
     def _when_loaded(self) -> None:
         for worker in self.engine.workers:

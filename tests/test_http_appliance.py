@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ def test_mqtt_and_http_requests_share_the_engine(
         url = f"http://127.0.0.1:{app.http.bound_port}"
         mqtt.subscribe(f"{base}/stream/m1", f"{base}/response/chat", f"{base}/info")
         mqtt.wait(lambda: bool(mqtt.messages[f"{base}/info"]))
-        assert mqtt.json(f"{base}/info")[-1]["http"].endswith(f":{app.http.bound_port}/v1")
+        urls = {info["http"] for info in mqtt.json(f"{base}/info")}
+        assert urls == {f"http://0.0.0.0:{app.http.bound_port}/v1"}, "each retained info names the port"
 
         http_times: list[float] = []
         http_text: list[str] = []
@@ -70,3 +72,34 @@ def test_mqtt_and_http_requests_share_the_engine(
         app.stop()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+def test_a_taken_http_port_leaves_mqtt_serving_and_says_why(
+    tmp_path: Path, mqtt_broker, mqtt_base_topic: str, demo_bundle_fp32: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    base = mqtt_base_topic
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        path = write_config(tmp_path, mqtt_broker.port, base, demo_bundle_fp32,
+                            http={"enabled": True, "host": "127.0.0.1", "port": port})
+        mqtt = Client(mqtt_broker.port)
+        mqtt.subscribe(f"{base}/event", f"{base}/info", f"{base}/response/chat")
+        app = Appliance(load_config(path, env={}))
+        app.start()
+        try:
+            assert app.http is None
+            mqtt.wait(lambda: any(e["event"] == "http_failed" for e in mqtt.json(f"{base}/event")))
+            failed = next(e for e in mqtt.json(f"{base}/event") if e["event"] == "http_failed")
+            assert str(port) in failed["error"]
+            mqtt.wait(lambda: bool(mqtt.messages[f"{base}/info"]))
+            assert mqtt.json(f"{base}/info")[-1]["http"] is None
+            assert app.link.subscribed.wait(10)
+            mqtt.publish(f"{base}/request/chat", {"id": "q1", "prompt": "Say hi.", "max_tokens": 4,
+                                                  "temperature": 0})
+            mqtt.wait(lambda: bool(mqtt.messages[f"{base}/response/chat"]))
+            assert mqtt.json(f"{base}/response/chat")[0]["status"] == "ok"
+        finally:
+            mqtt.close()
+            app.stop()
