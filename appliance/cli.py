@@ -77,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="replace an existing bundle")
     convert.set_defaults(func=cmd_models_convert)
 
+    fetch = models_sub.add_parser(
+        "fetch", parents=[common], help="download AXERA's compiled models (on the device) into bundles"
+    )
+    fetch.add_argument("ids", nargs="*", metavar="ID", help="catalog ids (see --list)")
+    fetch.add_argument("--list", action="store_true", help="show the catalog and what is fetched")
+    fetch.add_argument("--models-dir", type=Path, default=Path("models"), metavar="DIR", help="models/")
+    fetch.add_argument("--config", "-c", type=Path, default=None, metavar="FILE",
+                       help="add the models to this appliance.yaml (a .bak copy is kept)")
+    fetch.add_argument("--default", default=None, metavar="ID",
+                       help="make this model the default of its kind")
+    fetch.set_defaults(func=cmd_models_fetch)
+
     check = sub.add_parser("check", parents=[common], help="validate the config and the models it lists")
     _add_config_option(check)
     check.set_defaults(func=cmd_check)
@@ -150,6 +162,22 @@ def cmd_models_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from appliance.fetch.command import catalog_table, run_fetch
+
+    if args.list or not args.ids:
+        print(catalog_table(args.models_dir))
+        if not args.list:
+            print("name the models to fetch, e.g. 'scripts/fetch_models qwen2.5-0.5b-instruct'",
+                  file=sys.stderr)
+            return EXIT_USER_ERROR
+        return 0
+    print(run_fetch(args.ids, args.models_dir, args.config, args.default), end="")
+    if args.config is not None:
+        print(f"# added to {args.config}; 'appliance check -c {args.config}' verifies the memory plan")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config and print what it says; exit 1 when something is wrong."""
     from appliance.config import DEFAULT_FILE, ConfigError, load_config
@@ -183,8 +211,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         path = config.model_path(model)
         if not path.is_dir():
             state, ok = "MISSING (no such folder)", False
-        elif not (path / "config.json").is_file():
-            state, ok = "NOT A BUNDLE (no config.json)", False
+        elif (problem := bundle_problem(path, model.kind)) is not None:
+            state, ok = problem, False
         else:
             state = "ok"
         flags = "".join([", default" if model.default else "", "" if model.preload else ", not preloaded"])
@@ -193,6 +221,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("some models are missing; 'appliance models demo' creates the demo one", file=sys.stderr)
         return 1
     return 0 if check_cmm(config) else 1
+
+
+def bundle_problem(path: Path, kind: str) -> str | None:
+    """Why ``path`` is not a bundle of this kind, or None."""
+    if kind == "image":
+        if not any((path / f"unet{ext}").is_file() for ext in (".axmodel", ".onnx")):
+            return "NOT AN IMAGE BUNDLE (no unet.axmodel or unet.onnx)"
+        return None
+    if not (path / "config.json").is_file():
+        return "NOT A BUNDLE (no config.json)"
+    return None
 
 
 def check_cmm(config: ApplianceConfig) -> bool:

@@ -13,8 +13,14 @@ RESERVE_MIB = 512.0
 
 
 def bundle_mib(path: Path) -> float:
-    """A model's size on disk, a fair estimate of the card memory its weights take."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+    """The compiled models' size on disk, a fair estimate of the card memory their weights take.
+
+    Only ``.axmodel`` files go to the card (the embedding table and the tokenizer stay on the
+    host); a CPU-twin bundle without them counts every file.
+    """
+    files = [f for f in Path(path).rglob("*") if f.is_file()]
+    compiled = [f for f in files if f.suffix == ".axmodel"]
+    return sum(f.stat().st_size for f in compiled or files) / 2**20
 
 
 @dataclass(frozen=True)

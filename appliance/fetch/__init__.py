@@ -1,0 +1,1 @@
+"""Fetching AXERA's compiled models on the device and turning them into bundles the engine loads."""
