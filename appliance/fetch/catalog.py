@@ -81,7 +81,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
             upstream=RepoFiles(repo="Qwen/Qwen2.5-0.5B-Instruct",
                                revision="7ae557604adf67be50417f59c2c2f167def9a775"),
         ),
-        note="fast (about 27 tokens/s on the card); a good first model",
+        note="the quickest chat model here; a good first model",
     ),
     CatalogEntry(
         id="qwen3-0.6b",
@@ -102,7 +102,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
                                revision="4ba40db7f8fddbf3e4f86edacf7fb255bb45d339", folder="models"),
             files=SD15_LCM_FILES,
         ),
-        note="about 2.8 s per image on the card",
+        note="about 2.8 s per 512x512 image on the card",
     ),
 )
 
