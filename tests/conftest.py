@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from gguf_factory import demo_gguf_path as _demo_gguf_path
 from gguf_factory import write_tiny_gguf
+from sd_factory import build_sd_bundle
 
 from npu.convert import convert_gguf
 
@@ -38,6 +39,12 @@ def tiny_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pa
         gguf_path = write_tiny_gguf(root / arch / f"tiny-{arch}.gguf", arch)
         out[arch] = (gguf_path, convert_gguf(gguf_path, root / f"{arch}-bundle"))
     return out
+
+
+@pytest.fixture(scope="session")
+def sd_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight sd1.5-lcm bundle (64x64 images; AXERA's 4-row time table)."""
+    return build_sd_bundle(tmp_path_factory.mktemp("sd") / "sd15-tiny")
 
 
 # --- MQTT front door fixtures (appliance/mqtt_link.py, handlers/) -------------------------------

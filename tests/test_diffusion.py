@@ -19,11 +19,6 @@ from npu.diffusion.scheduler import lcm_denoise, lcm_plan, lcm_renoise, lcm_time
 
 
 @pytest.fixture(scope="module")
-def sd_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sd_bundle(tmp_path_factory.mktemp("sd") / "sd15-tiny")
-
-
-@pytest.fixture(scope="module")
 def pipeline(sd_bundle: Path) -> DiffusionPipeline:
     return DiffusionPipeline.load(sd_bundle, backend="onnx")
 

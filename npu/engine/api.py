@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from npu.diffusion.params import ImageOutput, ImageParams
 from npu.llm.params import FinishReason, GenerationParams, Usage
 
 
@@ -83,6 +84,20 @@ class ChatRequest:
 
 
 @dataclass(frozen=True)
+class ImageRequest:
+    """Text to image. Images default to low priority: a waiting chat goes first."""
+
+    params: ImageParams
+    model: str | None = None
+    priority: Priority = Priority.LOW
+    deadline: float | None = None
+    request_id: str | None = None
+
+
+Request = ChatRequest | ImageRequest
+
+
+@dataclass(frozen=True)
 class Progress:
     """Prompt processing advanced (``prompt_done`` of ``prompt_tokens``); no text yet."""
 
@@ -99,6 +114,23 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class ImageProgress:
+    """An image job advanced: ``stage`` text, unet (``step`` of ``steps``) or vae."""
+
+    stage: str
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    output: ImageOutput
+    model: str
+    total_ms: float
+    queued_ms: float
+
+
+@dataclass(frozen=True)
 class ChatResult:
     text: str
     model: str
@@ -112,7 +144,7 @@ class ChatResult:
 
 @dataclass(frozen=True)
 class Done:
-    result: ChatResult
+    result: ChatResult | ImageResult
 
 
 @dataclass(frozen=True)
@@ -120,7 +152,7 @@ class Failed:
     error: EngineError
 
 
-JobEvent = Progress | Delta | Done | Failed
+JobEvent = Progress | Delta | ImageProgress | Done | Failed
 Sink = Callable[[JobEvent], None]
 JobStatus = Literal["queued", "running", "done", "failed"]
 
@@ -130,7 +162,7 @@ _ids = itertools.count(1)
 class JobHandle:
     """A submitted job: its engine id, its status, and a way to cancel it from any thread."""
 
-    def __init__(self, request: ChatRequest, sink: Sink) -> None:
+    def __init__(self, request: Request, sink: Sink) -> None:
         self.id = f"job-{next(_ids)}"
         self.request = request
         self.sink = sink
@@ -178,6 +210,8 @@ class ModelInfo:
     backend: str | None
     context_length: int | None
     max_prompt_tokens: int | None
+    sizes: list[str] | None = None  # image models: "WxH" they make
+    steps: list[int] | None = None  # image models: step counts they run
 
 
 @dataclass(frozen=True)

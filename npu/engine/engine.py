@@ -20,14 +20,17 @@ from typing import Any
 
 from npu.device.base import DeviceMonitor, DeviceReading
 from npu.device.thermal import ThermalLevel
+from npu.diffusion.pipeline import ImageRequestError
 from npu.engine.api import (
     ChatRequest,
     EngineError,
     EngineState,
     ErrorCode,
     Failed,
+    ImageRequest,
     JobHandle,
     ModelInfo,
+    Request,
     Sink,
 )
 from npu.engine.metrics import EngineMetrics
@@ -41,6 +44,10 @@ logger = logging.getLogger(__name__)
 StateListener = Callable[[EngineState], None]
 EventListener = Callable[[str, dict[str, Any]], None]
 STOPPING = "the appliance is stopping; retry later"
+NO_IMAGE_MODEL = (
+    "no image model is installed here; on the device, 'scripts/fetch_models sd15-lcm' installs "
+    "Stable Diffusion 1.5 LCM and adds it to appliance.yaml (docs/INSTALL.md)"
+)
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,8 @@ class Engine:
         self.specs = {m.id: m for m in models}
         chat = [m for m in models if m.kind == "chat"]
         self.default_chat = next((m.id for m in chat if m.default), chat[0].id if chat else None)
+        image = [m for m in models if m.kind == "image"]
+        self.default_image = next((m.id for m in image if m.default), image[0].id if image else None)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._queue: list[tuple[int, int, WorkerJob]] = []
@@ -135,17 +144,38 @@ class Engine:
         self._notify_state()
 
     # front-door API --------------------------------------------------------------------------
-    def submit(self, request: ChatRequest, sink: Sink) -> JobHandle:
+    def submit(self, request: Request, sink: Sink) -> JobHandle:
         """Validate, tokenize and queue a job, or raise ``EngineError`` at once."""
         try:
+            if self._failed and len(self._failed) == len(self.workers):
+                raise EngineError(ErrorCode.UNAVAILABLE, self._failed_message())
+            if isinstance(request, ImageRequest):
+                return self._submit_image(request, sink)
             return self._submit(request, sink)
         except EngineError as exc:
             self.metrics.rejected.labels(exc.code.value).inc()
             raise
 
+    def _submit_image(self, request: ImageRequest, sink: Sink) -> JobHandle:
+        if request.params.seed is None:  # drawn here, so a retried job makes the same image
+            request = dataclasses.replace(
+                request, params=dataclasses.replace(request.params, seed=secrets.randbits(31))
+            )
+        model_id = request.model or self.default_image
+        spec = self.specs.get(model_id or "")
+        if spec is None or spec.kind != "image":
+            available = ", ".join(m for m, s in self.specs.items() if s.kind == "image")
+            message = (f"no image model {request.model!r} here; available: {available}" if available
+                       else NO_IMAGE_MODEL)
+            raise EngineError(ErrorCode.MODEL_NOT_FOUND, message)
+        try:
+            self._any_runner(spec.id).check(request.params)
+        except ImageRequestError as exc:
+            raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from exc
+        return self._enqueue(WorkerJob(handle=JobHandle(request, sink), model_id=spec.id, prompt_ids=[],
+                                       kind="image"))
+
     def _submit(self, request: ChatRequest, sink: Sink) -> JobHandle:
-        if self._failed and len(self._failed) == len(self.workers):
-            raise EngineError(ErrorCode.UNAVAILABLE, self._failed_message())
         if request.params.seed is None:
             # A drawn seed makes a job retried after a device reset repeat itself exactly.
             params = dataclasses.replace(request.params, seed=secrets.randbits(63))
@@ -171,8 +201,12 @@ class Engine:
         except ValueError as exc:
             raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from exc
         handle = JobHandle(request, sink)
+        return self._enqueue(WorkerJob(handle=handle, model_id=spec.id, prompt_ids=prompt_ids))
+
+    def _enqueue(self, job: WorkerJob) -> JobHandle:
+        handle = job.handle
         handle.on_cancel = self._drop_queued
-        job = WorkerJob(handle=handle, model_id=spec.id, prompt_ids=prompt_ids)
+        request = handle.request
         with self._work:
             if self._stopping:
                 raise EngineError(ErrorCode.UNAVAILABLE, STOPPING, retry_after=5)
@@ -245,8 +279,10 @@ class Engine:
                     kind=spec.kind,
                     loaded=runner is not None,
                     backend=runner.backend if runner else None,
-                    context_length=runner.context_length if runner else None,
-                    max_prompt_tokens=runner.max_prompt_tokens if runner else None,
+                    context_length=getattr(runner, "context_length", None),
+                    max_prompt_tokens=getattr(runner, "max_prompt_tokens", None),
+                    sizes=getattr(runner, "sizes", None),
+                    steps=getattr(runner, "supported_steps", None),
                 )
             )
         return infos

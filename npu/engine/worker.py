@@ -1,7 +1,8 @@
 """One worker thread per NPU device: it owns that device's resident models and runs jobs.
 
-Jobs advance one step at a time (a prefill chunk or a decode token), round-robin over the active
-jobs, so a long prompt or an image does not freeze another job's stream. Cancellation and the
+Jobs advance one step at a time (a prefill chunk, a decode token, the text encoder, a UNet step,
+the VAE), round-robin over the active jobs, so a long prompt or an image does not freeze another
+job's stream. Cancellation and the
 request timeout are checked between steps; each is answered with a typed error and frees the
 job's KV cache slot at once. ``step_started`` lets the watchdog see a step that hangs; a device
 fault hands the worker's jobs to the recovery (``npu.engine.recovery``), which replaces the worker.
@@ -21,13 +22,20 @@ from typing import TYPE_CHECKING, Literal
 from npu.device.base import DeviceFault, DeviceMonitor
 from npu.device.cmm_plan import bundle_mib
 from npu.device.thermal import ThermalLevel
+from npu.diffusion.image_encode import ImageTooLarge
+from npu.diffusion.params import ImageStep
+from npu.diffusion.pipeline import DiffusionPipeline, ImageRequestError
 from npu.engine.api import (
+    ChatRequest,
     ChatResult,
     Delta,
     Done,
     EngineError,
     ErrorCode,
     Failed,
+    ImageProgress,
+    ImageRequest,
+    ImageResult,
     JobEvent,
     JobHandle,
     Progress,
@@ -56,10 +64,13 @@ class ModelSpec:
     default: bool = False
 
 
-RunnerLoader = Callable[[ModelSpec, int, int], LLMRunner]
+Runner = LLMRunner | DiffusionPipeline
+RunnerLoader = Callable[[ModelSpec, int, int], Runner]
 
 
-def load_runner(spec: ModelSpec, device_id: int, cache_slots: int) -> LLMRunner:
+def load_runner(spec: ModelSpec, device_id: int, cache_slots: int) -> Runner:
+    if spec.kind == "image":
+        return DiffusionPipeline.load(spec.path, backend=spec.runtime, device_id=device_id)
     return LLMRunner.load(spec.path, backend=spec.runtime, device_id=device_id, cache_slots=cache_slots)
 
 
@@ -68,12 +79,13 @@ class WorkerJob:
     handle: JobHandle
     model_id: str
     prompt_ids: list[int]
+    kind: Literal["chat", "image"] = "chat"
     started: float = 0.0
     attempts: int = 0  # starts after a device reset (a job is retried once)
     resume: str = ""  # text already sent before a reset, to be matched again and not re-sent
     last_token_at: float | None = None  # None until the first generated token
     tokens_counted: int = 0
-    stream: Iterator[GenerationResponse] | None = None
+    stream: Iterator[GenerationResponse] | Iterator[ImageStep] | None = None
     parts: list[str] = field(default_factory=list)
 
 
@@ -90,7 +102,7 @@ class DeviceWorker(threading.Thread):
     ) -> None:
         super().__init__(name=f"engine-dev{device_id}", daemon=True)
         self.device_id = device_id
-        self.specs = [m for m in models if m.kind == "chat"]
+        self.specs = list(models)
         self.engine = engine
         self.loader = loader or load_runner
         self.max_active = max_active
@@ -98,7 +110,7 @@ class DeviceWorker(threading.Thread):
         self.thermal = ThermalLevel.NORMAL
         self.step_started: float | None = None  # monotonic start of the step running now
         self.abandoned = False  # replaced after a fault: never touch jobs or the engine again
-        self.runners: dict[str, LLMRunner] = {}
+        self.runners: dict[str, Runner] = {}
         self.loaded = threading.Event()
         self.state: WorkerState = "loading"
         self.reason: str | None = None
@@ -227,7 +239,13 @@ class DeviceWorker(threading.Thread):
             self._finish(job, Failed(error))
             return
         job.started = now
-        job.stream = runner.stream_generate(job.prompt_ids, handle.request.params)
+        request = handle.request
+        if isinstance(request, ImageRequest):
+            assert isinstance(runner, DiffusionPipeline)
+            job.stream = runner.generate_steps(request.params)
+        else:
+            assert isinstance(runner, LLMRunner) and isinstance(request, ChatRequest)
+            job.stream = runner.stream_generate(job.prompt_ids, request.params)
         handle.status = "running"
         with self._active_lock:
             self._active.append(job)
@@ -257,6 +275,9 @@ class DeviceWorker(threading.Thread):
         except EngineError as exc:
             self._fail(job, exc)
             return
+        except (ImageRequestError, ImageTooLarge) as exc:
+            self._fail(job, EngineError(ErrorCode.BAD_REQUEST, str(exc)))
+            return
         except StopIteration:
             self._fail(job, EngineError(ErrorCode.INTERNAL, "generation ended without a result"))
             return
@@ -268,12 +289,12 @@ class DeviceWorker(threading.Thread):
         if self.abandoned:
             return  # the step came back after the recovery took its job over
         now = time.monotonic()
+        self._warn_slow_step(now - started)
+        if isinstance(resp, ImageStep):
+            self._image_step(job, resp, now)
+            return
         if resp.usage.completion_tokens > job.tokens_counted:
             self._count_tokens(job, resp.usage.completion_tokens, now)
-        elapsed = now - started
-        if elapsed > self.engine.config.step_timeout:
-            logger.warning("device %d: a step took %.1f s (watchdog %.1f s)", self.device_id, elapsed,
-                           self.engine.config.step_timeout)
         text = resp.text
         if job.resume and text:
             n = min(len(text), len(job.resume))
@@ -301,6 +322,22 @@ class DeviceWorker(threading.Thread):
             self._remove(job)
             self.engine.record_duration(now - job.started)
             self._finish(job, Done(result))
+
+    def _warn_slow_step(self, elapsed: float) -> None:
+        if elapsed > self.engine.config.step_timeout:
+            logger.warning("device %d: a step took %.1f s (watchdog %.1f s)", self.device_id, elapsed,
+                           self.engine.config.step_timeout)
+
+    def _image_step(self, job: WorkerJob, step: ImageStep, now: float) -> None:
+        handle = job.handle
+        if step.output is None:
+            self._emit(handle, ImageProgress(step.stage, step.step, step.steps))
+            return
+        result = ImageResult(output=step.output, model=job.model_id, total_ms=(now - handle.submitted) * 1e3,
+                             queued_ms=(job.started - handle.submitted) * 1e3)
+        self._remove(job)
+        self.engine.record_duration(now - job.started)
+        self._finish(job, Done(result))
 
     def _count_tokens(self, job: WorkerJob, total: int, now: float) -> None:
         """Feed the latency histograms and the token counter as the job's usage grows."""
@@ -338,7 +375,10 @@ class DeviceWorker(threading.Thread):
     def _finish(self, job: WorkerJob, event: Done | Failed) -> None:
         self.engine.count_outcome(isinstance(event, Done))
         metrics = self.engine.metrics
-        if isinstance(event, Done):
+        if isinstance(event, Done) and isinstance(event.result, ImageResult):
+            metrics.for_model(job.model_id).e2e.observe(event.result.total_ms / 1e3)
+            metrics.success.labels(job.model_id, "image").inc()
+        elif isinstance(event, Done):
             usage = event.result.usage
             model = metrics.for_model(job.model_id)
             model.prompt_tokens.inc(usage.prompt_tokens)
