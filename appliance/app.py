@@ -31,7 +31,7 @@ from bridge_http.app import create_app
 from bridge_http.auth import exposure_warning
 from bridge_http.bridge import BridgeSettings
 from bridge_http.server import HttpServer, HttpServerError
-from handlers.context import HandlerContext, Limits
+from handlers.context import HandlerContext, ImageDefaults, Limits
 from handlers.registry import Dispatcher
 from npu.device.sim import SimMonitor
 from npu.device.thermal import ThermalLimits
@@ -94,6 +94,8 @@ class Appliance:
         )
         context = HandlerContext(
             self.engine, self.link.publish, self.topics, Limits(max_payload=config.mqtt.max_payload),
+            images=ImageDefaults(config.images.display, config.images.format, config.images.quality,
+                                 config.images.max_bytes),
             sim=self.monitor if isinstance(self.monitor, SimMonitor) else None,
         )
         self.telemetry = TelemetryJob(

@@ -235,6 +235,19 @@ class TelemetryConfig(BaseConfig):
     interval: float = Field(10.0, ge=1, le=3600, description="Seconds between telemetry messages")
 
 
+class ImagesConfig(BaseConfig):
+    display: str = Field("main", pattern=r"^[A-Za-z0-9._-]+$", max_length=64,
+                         description="The display an image goes to when a request names none")
+    format: Literal["png", "jpeg"] = Field("png", description="Image format when a request names none")
+    quality: int = Field(90, ge=40, le=100, description="JPEG quality to start from")
+    max_bytes: int = Field(
+        3_500_000, ge=50_000, le=256 * 1024 * 1024,
+        description="Largest image published; keep it under the broker's max_packet_size (JPEG steps down)",
+    )
+    url_ttl: float = Field(3600, ge=10, le=7 * 86400,
+                           description="Seconds an HTTP image URL (response_format url) stays valid")
+
+
 class HomeAssistantConfig(BaseConfig):
     enabled: bool = Field(True, description="Publish Home Assistant MQTT discovery (retained)")
     name: str | None = Field(None, min_length=1, max_length=64, description="Device name shown in HA")
@@ -270,6 +283,9 @@ class ApplianceConfig(BaseConfig):
         default_factory=EngineSectionConfig, description="Job queue and time limits"
     )
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Telemetry publishing")
+    images: ImagesConfig = Field(
+        default_factory=ImagesConfig, description="Generated images: displays, format, size"
+    )
     homeassistant: HomeAssistantConfig = Field(
         default_factory=HomeAssistantConfig, description="Home Assistant discovery"
     )

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from handlers.context import PENDING, HandlerContext, HandlerError, RequestMeta, default_text_bytes
-from handlers.payloads import ChatPayload
+from handlers.payloads import ChatPayload, ImagePayload
 from handlers.reply import Reply, cut_utf8
 from npu.engine.api import ChatRequest, Delta, Done, EngineError, Failed, JobEvent
 from npu.llm.params import GenerationParams
@@ -49,7 +49,7 @@ def build_params(req: ChatPayload) -> GenerationParams:
         raise HandlerError("bad_request", str(exc)) from exc
 
 
-def deadline_for(req: ChatPayload, received_at: float, message_expiry: int | None,
+def deadline_for(req: ChatPayload | ImagePayload, received_at: float, message_expiry: int | None,
                  default_timeout: float | None = None) -> float | None:
     """The earliest of MQTT 5 Message Expiry and ``timeout_s``, as a ``time.monotonic()`` value."""
     candidates = [received_at + float(s) for s in (message_expiry, req.timeout_s) if s is not None]

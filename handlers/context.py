@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from npu.engine.api import ChatRequest, EngineState, JobHandle, ModelInfo, Sink
+from npu.engine.api import EngineState, JobHandle, ModelInfo, Request, Sink
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class PublishFn(Protocol):
 class EngineLike(Protocol):
     """The slice of ``npu.engine.engine.Engine`` the handlers use."""
 
-    def submit(self, request: ChatRequest, sink: Sink) -> JobHandle: ...
+    def submit(self, request: Request, sink: Sink) -> JobHandle: ...
     def cancel(self, request_id: str) -> int: ...
     def state(self) -> EngineState: ...
     def models(self) -> list[ModelInfo]: ...
@@ -53,6 +53,8 @@ class TopicsLike(Protocol):
     def response(self, kind: str) -> str: ...
     def response_text(self, kind: str) -> str: ...
     def stream(self, request_id: str) -> str: ...
+    def display(self, name: str) -> str: ...
+    def display_meta(self, name: str) -> str: ...
     def request_kind(self, topic: str) -> str | None: ...
     def check_reply_topic(self, topic: str) -> str | None: ...
 
@@ -81,11 +83,22 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class ImageDefaults:
+    """What an image request gets for the fields it leaves out (``images:`` in the config)."""
+
+    display: str = "main"
+    format: str = "png"
+    quality: int = 90
+    max_bytes: int = 3_500_000
+
+
+@dataclass(frozen=True)
 class HandlerContext:
     engine: EngineLike
     publish: PublishFn
     topics: TopicsLike
     limits: Limits = Limits()
+    images: ImageDefaults = ImageDefaults()
     sim: Any = None  # the simulated card (``npu.device.sim.SimMonitor``) when device.backend is sim
 
 

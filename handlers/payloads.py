@@ -70,6 +70,24 @@ class ChatPayload(_Payload):
         return self
 
 
+class ImagePayload(_Payload):
+    """``{base}/request/image``: a prompt in, an image out on a display topic."""
+
+    prompt: StrictStr
+    negative_prompt: StrictStr = ""
+    model: StrictStr | None = None
+    width: StrictInt | None = Field(default=None, ge=8, le=4096)
+    height: StrictInt | None = Field(default=None, ge=8, le=4096)
+    steps: StrictInt = Field(default=4, ge=1, le=8)
+    seed: StrictInt | None = Field(default=None, ge=0, le=2**32 - 1)
+    guidance_scale: float = Field(default=1.0, ge=1.0, le=4.0)
+    display: StrictStr | None = None
+    format: Literal["png", "jpeg"] | None = None
+    quality: StrictInt | None = Field(default=None, ge=40, le=100)
+    stream: bool = False
+    timeout_s: float | None = Field(default=None, gt=0, description="deadline relative to receipt")
+
+
 class CancelPayload(_Payload):
     """``{base}/request/cancel``: cancel every job submitted with ``id``."""
 

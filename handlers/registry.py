@@ -33,10 +33,12 @@ from handlers.control import (
     handle_resume,
     handle_sim,
 )
+from handlers.image import handle_image
 from handlers.payloads import (
     CancelPayload,
     ChatPayload,
     HealthPayload,
+    ImagePayload,
     PausePayload,
     PayloadError,
     ReloadPayload,
@@ -87,6 +89,7 @@ def build_registry() -> dict[str, HandlerSpec]:
     """The request kinds this appliance answers on ``{base}/request/<op>``."""
     specs = [
         HandlerSpec("chat", ChatPayload, handle_chat, text_field="prompt", assign_id=True),
+        HandlerSpec("image", ImagePayload, handle_image, text_field="prompt", assign_id=True),
         HandlerSpec("cancel", CancelPayload, handle_cancel, text_field="id"),
         HandlerSpec("health_check", HealthPayload, handle_health_check),
         HandlerSpec("pause", PausePayload, handle_pause, text_field="reason"),

@@ -63,7 +63,10 @@ def write_config(tmp: Path, port: int, base: str, bundle: Path, **over: Any) -> 
         "models": [{"id": "demo", "kind": "chat", "path": str(bundle), "runtime": "onnx"}],
     }
     for section, values in over.items():
-        data.setdefault(section, {}).update(values)
+        if isinstance(values, list):
+            data[section] = values
+        else:
+            data.setdefault(section, {}).update(values)
     path = tmp / f"appliance-{len(list(tmp.glob('*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
