@@ -95,8 +95,9 @@ def test_plain_text_and_bad_image_requests(image_app: Appliance, mqtt_broker, mq
         client.close()
 
 
-def test_the_demo_without_an_image_model_says_how_to_get_one(tmp_path: Path, mqtt_broker,  # type: ignore[no-untyped-def]
-                                                             mqtt_base_topic: str, demo_bundle_fp32: Path) -> None:
+def test_the_demo_without_an_image_model_says_how_to_get_one(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mqtt_broker, mqtt_base_topic: str, demo_bundle_fp32: Path,
+) -> None:
     base = mqtt_base_topic
     app = Appliance(load_config(write_config(tmp_path, mqtt_broker.port, base, demo_bundle_fp32), env={}))
     app.start()
