@@ -107,7 +107,8 @@ class Appliance:
         self.dispatcher = Dispatcher(self.inbound, context, side_topics=side)
         self.http: HttpServer | None = None
         if config.http.enabled:
-            settings = BridgeSettings(api_key=config.http.api_key, max_n=config.http.max_n)
+            settings = BridgeSettings(api_key=config.http.api_key, max_n=config.http.max_n,
+                                      image_url_ttl=config.images.url_ttl)
             self.http = HttpServer(create_app(self.engine, settings), config.http.host, config.http.port)
 
     def start(self) -> None:

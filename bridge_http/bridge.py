@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from bridge_http.image_store import ImageStore
 from npu.engine.engine import Engine
 
 
@@ -14,6 +15,7 @@ class BridgeSettings:
     max_n: int = 4
     ping_interval: float = 10.0  # seconds of silence before a ': ping' comment in a stream
     progress_ping_interval: float = 1.0  # at most one ping this often while a prompt is prefilled
+    image_url_ttl: float = 3600.0  # seconds an image URL (response_format url) stays valid
 
 
 @dataclass
@@ -21,6 +23,10 @@ class Bridge:
     engine: Engine
     settings: BridgeSettings = field(default_factory=BridgeSettings)
     created: int = field(default_factory=lambda: int(time.time()))
+    images: ImageStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.images = ImageStore(ttl=self.settings.image_url_ttl)
 
     def model_id(self, requested: str | None) -> str:
         """The model a request will run on; an unknown name is kept for the engine to refuse."""

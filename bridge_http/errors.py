@@ -1,5 +1,8 @@
 """Every error in the OpenAI envelope ``{"error": {message, type, param, code}}``, 401 and 404 included.
 
+Under ``/sdapi/`` the same errors take AUTOMATIC1111's shape (``{error, detail, body, errors}``),
+which its clients print.
+
 The engine's typed errors map to the status codes the ``openai`` client understands: it raises
 ``BadRequestError`` for 400, ``NotFoundError`` for 404, and retries 503 after ``Retry-After``.
 """
@@ -37,6 +40,7 @@ _PARAM: dict[ErrorCode, str] = {
     ErrorCode.MODEL_NOT_FOUND: "model",
 }
 _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+A1111_PREFIX = "/sdapi/"
 
 
 class OpenAIError(Exception):
@@ -71,13 +75,18 @@ class OpenAIError(Exception):
         return cls(status, exc.message, type=kind, param=param or _PARAM.get(exc.code), code=exc.code.value,
                    retry_after=retry_after, extra=extra)
 
-    def response(self) -> JSONResponse:
+    def response(self, request: Request | None = None) -> JSONResponse:
         headers = {}
         if self.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
         if self.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse(self.body, status_code=self.status, headers=headers)
+        body: dict[str, Any] = self.body
+        if request is not None and request.url.path.startswith(A1111_PREFIX):
+            error = self.body["error"]
+            body = {"error": error["code"] or error["type"], "detail": error["message"], "body": "",
+                    "errors": error["message"]}
+        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
 def error_body(
@@ -109,24 +118,25 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
-    async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
-        return exc.response()
+    async def _openai(request: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response(request)
 
     @app.exception_handler(EngineError)
-    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
-        return OpenAIError.from_engine(exc).response()
+    async def _engine(request: Request, exc: EngineError) -> JSONResponse:
+        return OpenAIError.from_engine(exc).response(request)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = validation_message(list(exc.errors()))
-        return OpenAIError(400, message, param=param, code="invalid_value").response()
+        return OpenAIError(400, message, param=param, code="invalid_value").response(request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
-        return OpenAIError(exc.status_code, str(exc.detail), type=kind).response()
+        return OpenAIError(exc.status_code, str(exc.detail), type=kind).response(request)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error in the HTTP bridge")
-        return OpenAIError(500, f"internal error: {exc}", type="server_error", code="internal").response()
+        error = OpenAIError(500, f"internal error: {exc}", type="server_error", code="internal")
+        return error.response(request)

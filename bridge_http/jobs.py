@@ -15,7 +15,8 @@ from functools import partial
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from npu.engine.api import ChatRequest, Done, EngineError, Failed, JobEvent, JobHandle
+from npu.engine.api import Done, EngineError, Failed, JobEvent, JobHandle
+from npu.engine.api import Request as JobRequest
 from npu.engine.engine import Engine
 
 IDLE = None  # yielded by ``events`` when nothing happened for ``idle_after`` seconds
@@ -28,7 +29,7 @@ class JobGroup:
         self.queue: asyncio.Queue[tuple[int, JobEvent]] = asyncio.Queue()
         self.handles: list[JobHandle] = []
 
-    async def submit(self, requests: Sequence[ChatRequest]) -> None:
+    async def submit(self, requests: Sequence[JobRequest]) -> None:
         """Submit every job (tokenizing off the event loop), or none: a refusal cancels the rest."""
         try:
             for index, request in enumerate(requests):

@@ -107,10 +107,11 @@ async def stream_sse(
         group.cancel()  # a no-op for jobs that ended
 
 
-async def collect(group: JobGroup, request: Request, choices: int) -> list[ChatResult]:
-    """Every choice's result in order; the first failure cancels the rest and becomes the answer."""
+async def collect(group: JobGroup, request: Request, choices: int) -> list[Any]:
+    """Every job's result (``ChatResult`` or ``ImageResult``) in order; the first failure cancels the
+    rest and becomes the answer."""
     watcher = asyncio.create_task(cancel_on_disconnect(request, group))
-    results: dict[int, ChatResult] = {}
+    results: dict[int, Any] = {}
     try:
         async for item in group.events():
             if item is IDLE:
