@@ -86,7 +86,7 @@ def text_encoder_graph(vocab: int, rng: np.random.Generator) -> onnx.GraphProto:
     )
 
 
-def unet_graph(rng: np.random.Generator) -> onnx.GraphProto:
+def unet_graph(rng: np.random.Generator, latent: int = LATENT) -> onnx.GraphProto:
     nodes = [
         helper.make_node("ReduceMean", ["encoder_hidden_states"], ["text_mean"], axes=[1], keepdims=0),
         helper.make_node("MatMul", ["text_mean", "w_text"], ["text_vec"]),
@@ -108,16 +108,16 @@ def unet_graph(rng: np.random.Generator) -> onnx.GraphProto:
     return helper.make_graph(
         nodes, "unet",
         [
-            helper.make_tensor_value_info("sample", TensorProto.FLOAT, [1, 4, LATENT, LATENT]),
+            helper.make_tensor_value_info("sample", TensorProto.FLOAT, [1, 4, latent, latent]),
             helper.make_tensor_value_info(UNET_TIME_INPUT, TensorProto.FLOAT, [1, TIME_DIM]),
             helper.make_tensor_value_info("encoder_hidden_states", TensorProto.FLOAT, [1, CONTEXT, TEXT_DIM]),
         ],
-        [helper.make_tensor_value_info("out_sample", TensorProto.FLOAT, [1, 4, LATENT, LATENT])],
+        [helper.make_tensor_value_info("out_sample", TensorProto.FLOAT, [1, 4, latent, latent])],
         inits,
     )
 
 
-def vae_decoder_graph(rng: np.random.Generator) -> onnx.GraphProto:
+def vae_decoder_graph(rng: np.random.Generator, latent: int = LATENT) -> onnx.GraphProto:
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["wide"]),
         helper.make_node("DepthToSpace", ["wide"], ["big"], blocksize=8, mode="CRD"),
@@ -126,8 +126,8 @@ def vae_decoder_graph(rng: np.random.Generator) -> onnx.GraphProto:
     inits = [_init("w", rng.normal(0, 0.5, (3 * 64, 4, 1, 1)).astype(np.float32))]
     return helper.make_graph(
         nodes, "vae_decoder",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, LATENT, LATENT])],
-        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [1, 3, LATENT * 8, LATENT * 8])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, latent, latent])],
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [1, 3, latent * 8, latent * 8])],
         inits,
     )
 
@@ -141,13 +141,18 @@ def time_table(rng: np.random.Generator) -> np.ndarray:
     return (proj / (1 + np.exp(-proj))).astype(np.float32)
 
 
-def build_sd_bundle(dest: Path, *, full_time_table: bool = False, seed: int = 0) -> Path:
-    """Write the bundle: AXERA's 4-row time table, or (``full_time_table``) one row per timestep."""
+def build_sd_bundle(
+    dest: Path, *, full_time_table: bool = False, seed: int = 0, latent: int = LATENT
+) -> Path:
+    """Write the bundle: AXERA's 4-row time table, or (``full_time_table``) one row per timestep.
+
+    ``latent`` 64 gives the real model's 512x512 images (the graphs stay tiny).
+    """
     rng = np.random.default_rng(seed)
     vocab = write_tokenizer(dest / "tokenizer")
     _save(text_encoder_graph(vocab, rng), dest / "text_encoder" / "sd15_text_encoder_sim.onnx")
-    _save(unet_graph(rng), dest / "unet.onnx")
-    _save(vae_decoder_graph(rng), dest / "vae_decoder.onnx")
+    _save(unet_graph(rng, latent), dest / "unet.onnx")
+    _save(vae_decoder_graph(rng, latent), dest / "vae_decoder.onnx")
     table = time_table(rng)
     if full_time_table:
         np.save(dest / "time_embeddings.npy", table)

@@ -13,6 +13,7 @@ ImageFormat = Literal["png", "jpeg"]
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg"}
 JPEG_FLOOR = 40  # below this a picture on a gallery wall looks broken; refuse instead
 JPEG_STEP = 10
+PNG_LEVEL = 6
 
 
 class ImageTooLarge(ValueError):
@@ -34,10 +35,16 @@ def to_pixels(decoded: np.ndarray) -> np.ndarray:
 
 
 def encode_image(pixels: np.ndarray, fmt: ImageFormat, quality: int, max_bytes: int) -> EncodedImage:
-    """PNG as is, or JPEG stepping its quality down until the bytes fit ``max_bytes``."""
+    """PNG as is, or JPEG stepping its quality down until the bytes fit ``max_bytes``.
+
+    PNG is written at zlib's default level (about 50 ms for 512x512); Pillow's ``optimize`` costs
+    seconds there, so it is tried only when the default does not fit.
+    """
     image = Image.fromarray(pixels, mode="RGB")
     if fmt == "png":
-        data = _save(image, format="PNG", optimize=True)
+        data = _save(image, format="PNG", compress_level=PNG_LEVEL)
+        if len(data) > max_bytes:
+            data = _save(image, format="PNG", optimize=True)
         if len(data) > max_bytes:
             raise ImageTooLarge(f"the PNG is {len(data)} bytes, over the {max_bytes}-byte limit; "
                                 "ask for format jpeg, or raise images.max_bytes")
