@@ -190,9 +190,13 @@ class Appliance:
         """Home Assistant's device config, retained; sent again only when it changed or HA restarted."""
         if not self.config.homeassistant.enabled:
             return
+        images = self.config.images
+        has_image_model = any(m.kind == "image" for m in self.config.models)
         topic, payload = build_discovery(self.topics, version=app_version(),
                                          model_ids=[m.id for m in self.config.models],
-                                         name=self.config.homeassistant.name)
+                                         name=self.config.homeassistant.name,
+                                         display=images.display if has_image_model else None,
+                                         image_type="image/jpeg" if images.format == "jpeg" else "image/png")
         if force or discovery_changed(self._discovery, payload):
             self.link.publish(topic, json.dumps(payload), qos=1, retain=True)
             self._discovery = payload

@@ -67,6 +67,8 @@ class Component(_HaModel):
     max: int | None = None
     mode: str | None = None
     suggested_display_precision: int | None = None
+    image_topic: str | None = None
+    content_type: str | None = None
 
 
 class DiscoveryPayload(_HaModel):
@@ -94,9 +96,14 @@ _SENSORS: tuple[tuple[str, str, str | None, str | None, str | None, str | None, 
 
 
 def build_discovery(
-    topics: Topics, *, version: str, model_ids: list[str], name: str | None = None
+    topics: Topics, *, version: str, model_ids: list[str], name: str | None = None,
+    display: str | None = None, image_type: str = "image/png",
 ) -> tuple[str, dict[str, Any]]:
-    """The config topic and payload (``None`` values left out)."""
+    """The config topic and payload (``None`` values left out).
+
+    With ``display`` (an image model is installed): the display's latest picture as an image
+    entity, and a text box that asks for a new one.
+    """
     node = node_id_for(topics.base)
     components: dict[str, Component] = {}
 
@@ -119,6 +126,11 @@ def build_discovery(
         payload_off='{"paused": false}', state_on="ON", state_off="OFF", icon="mdi:pause")
     add("prompt", platform="text", name="Prompt", command_topic=topics.request("chat"), min=1, max=255,
         mode="text", icon="mdi:message-text")
+    if display is not None:
+        add("picture", platform="image", name="Picture", image_topic=topics.display(display),
+            content_type=image_type)
+        add("picture_prompt", platform="text", name="Picture prompt", command_topic=topics.request("image"),
+            min=1, max=255, mode="text", icon="mdi:image-edit")
     payload = DiscoveryPayload(
         device=DeviceInfo(identifiers=[node], name=name or topics.base, sw_version=version,
                           model=f"Generative-AI appliance ({', '.join(model_ids) or 'no models'})"),

@@ -50,6 +50,12 @@ def test_topic_ids_and_platforms() -> None:
     assert comps["prompt"]["command_topic"] == "gallery/north/request/chat" and comps["prompt"]["max"] == 255
     assert payload["availability"][0]["topic"] == "gallery/north/status"
     json.dumps(payload)
+    assert "picture" not in comps, "no image entity without an image model"
+    _, with_images = build_discovery(TOPICS, version="1", model_ids=["sd"], display="lobby")
+    picture = with_images["components"]["picture"]
+    assert picture["platform"] == "image" and picture["image_topic"] == "gallery/north/display/lobby"
+    assert picture["content_type"] == "image/png"
+    assert with_images["components"]["picture_prompt"]["command_topic"] == "gallery/north/request/image"
 
 
 def test_templates_render_as_home_assistant_would() -> None:
