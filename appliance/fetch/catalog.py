@@ -64,10 +64,8 @@ SD15_LCM_FILES = (
     "tokenizer/vocab.json",
     "unet.axmodel",
     "vae_decoder.axmodel",
-    "vae_encoder.axmodel",
     "time_input_txt2img.npy",
-    "time_input_img2img.npy",
-)
+)  # the VAE encoder and the img2img table serve image-to-image, which the appliance does not do
 
 CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(
