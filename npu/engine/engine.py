@@ -172,8 +172,7 @@ class Engine:
             self._any_runner(spec.id).check(request.params)
         except ImageRequestError as exc:
             raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from exc
-        return self._enqueue(WorkerJob(handle=JobHandle(request, sink), model_id=spec.id, prompt_ids=[],
-                                       kind="image"))
+        return self._enqueue(WorkerJob(handle=JobHandle(request, sink), model_id=spec.id, prompt_ids=[]))
 
     def _submit(self, request: ChatRequest, sink: Sink) -> JobHandle:
         if request.params.seed is None:

@@ -2,10 +2,10 @@
 
 Jobs advance one step at a time (a prefill chunk, a decode token, the text encoder, a UNet step,
 the VAE), round-robin over the active jobs, so a long prompt or an image does not freeze another
-job's stream. Cancellation and the
-request timeout are checked between steps; each is answered with a typed error and frees the
-job's KV cache slot at once. ``step_started`` lets the watchdog see a step that hangs; a device
-fault hands the worker's jobs to the recovery (``npu.engine.recovery``), which replaces the worker.
+job's stream. Cancellation and the request timeout are checked between steps; each is answered
+with a typed error and frees the job's KV cache slot at once. ``step_started`` lets the watchdog
+see a step that hangs; a device fault hands the worker's jobs to the recovery
+(``npu.engine.recovery``), which replaces the worker.
 The thermal level throttles (one job at a time, a pause between rounds) or holds the worker.
 """
 
@@ -79,7 +79,6 @@ class WorkerJob:
     handle: JobHandle
     model_id: str
     prompt_ids: list[int]
-    kind: Literal["chat", "image"] = "chat"
     started: float = 0.0
     attempts: int = 0  # starts after a device reset (a job is retried once)
     resume: str = ""  # text already sent before a reset, to be matched again and not re-sent
