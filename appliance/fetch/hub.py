@@ -40,12 +40,11 @@ class HubClient:
         command = [self.executable(), "download", source.repo, *files,
                    "--revision", source.revision, "--local-dir", str(dest)]
         logger.info("%s@%s: %d files -> %s", source.repo, source.revision[:12], len(files), dest)
-        result = subprocess.run(command, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+        # The CLI's progress bars and errors go straight to the installer's terminal.
+        result = subprocess.run(command, check=False, stdout=subprocess.DEVNULL)
         if result.returncode != 0:
-            tail = "\n".join(result.stderr.strip().splitlines()[-5:])
             raise HubError(f"hf download {source.repo} at {source.revision[:12]} failed "
-                           f"(exit {result.returncode}): {tail}")
+                           f"(exit {result.returncode}; its message is above); run again to resume")
         missing = [f for f in files if not (dest / f).is_file()]
         if missing:
             raise HubError(f"hf download {source.repo} finished without {missing[:5]}")
