@@ -126,3 +126,10 @@ def test_jpeg_steps_its_quality_down_to_fit_and_refuses_what_cannot() -> None:
         encode_image(pixels, "jpeg", 95, 1000)
     with pytest.raises(ImageTooLarge, match="ask for format jpeg"):
         encode_image(pixels, "png", 90, 1000)
+
+
+def test_the_warm_up_after_a_load_changes_no_picture(sd_bundle: Path) -> None:
+    cold = DiffusionPipeline.load(sd_bundle, backend="onnx")
+    warm = DiffusionPipeline.load(sd_bundle, backend="onnx")
+    warm.warm_up()
+    assert generate(warm) == generate(cold)

@@ -173,3 +173,15 @@ def test_stop_answers_every_waiting_job(make_engine) -> None:  # type: ignore[no
         (final,) = got.terminal(str(i))
         assert isinstance(final, Failed | Done)
     assert engine.state().state == "stopped"
+
+
+def test_the_warm_up_after_a_load_changes_no_answer(demo_bundle_fp32: Path) -> None:
+    from npu.llm.runner import LLMRunner
+
+    warm = LLMRunner.load(demo_bundle_fp32, backend="onnx", cache_slots=2)
+    cold = LLMRunner.load(demo_bundle_fp32, backend="onnx", cache_slots=2)
+    warm.warm_up()
+    prompt = warm.encode_chat([{"role": "user", "content": "Name a colour."}])
+    params = GenerationParams(max_tokens=12, temperature=0)
+    answers = ["".join(r.text for r in runner.stream_generate(prompt, params)) for runner in (warm, cold)]
+    assert answers[0] == answers[1] and answers[0]

@@ -88,7 +88,7 @@ def test_a_hang_set_over_mqtt_is_recovered_with_events_and_health(  # type: igno
         assert during.status_code == 503 and during.json()["state"] in ("recovering", "idle", "busy")
         c.wait(lambda: {m["id"] for m in c.json(f"{base}/response/chat")} >= {"long", "next"}, timeout=90)
         replies = {m["id"]: m for m in c.json(f"{base}/response/chat")}
-        assert replies["long"]["status"] == "ok" and replies["next"]["status"] == "ok"
+        assert replies["long"]["status"] == "ok" and replies["next"]["status"] == "ok", replies
         stream = [json.loads(m.payload) for m in c.messages[f"{base}/stream/long"]]
         assert "".join(m["delta"] for m in stream) == replies["long"]["data"]["text"], "no repeated text"
         events = [m["event"] for m in c.json(f"{base}/event")]

@@ -86,6 +86,13 @@ class DiffusionPipeline:
                     pipeline.supported_steps, concrete, time.monotonic() - started)
         return pipeline
 
+    def warm_up(self) -> None:
+        """One whole image at the fewest steps, run once after a load (see ``LLMRunner.warm_up``)."""
+        params = ImageParams(prompt="warm up", steps=self.supported_steps[0], seed=0, format="jpeg",
+                             max_bytes=1 << 30)
+        for _ in self.generate_steps(params):
+            pass
+
     @property
     def sizes(self) -> list[str]:
         return [f"{self.width}x{self.height}"]

@@ -184,7 +184,11 @@ class DeviceWorker(threading.Thread):
             started = time.monotonic()
             try:
                 self._check_cmm(spec)
-                self.runners[spec.id] = self.loader(spec, self.device_id, self.max_active)
+                runner = self.loader(spec, self.device_id, self.max_active)
+                warm_up = getattr(runner, "warm_up", None)  # test doubles may have none
+                if warm_up is not None:
+                    warm_up()
+                self.runners[spec.id] = runner
             except Exception as exc:
                 self.reason = f"model {spec.id} failed to load: {exc}"
                 logger.error("device %d: %s", self.device_id, self.reason)

@@ -119,6 +119,15 @@ class LLMRunner:
     def context_length(self) -> int:
         return self.stack.kv_cache_len
 
+    def warm_up(self) -> None:
+        """One prompt chunk and one decode step, run once after a load.
+
+        A runtime's first run of each graph (and shape) is slow; without this, the first request
+        after a start or a recovery pays for it, and its step may look hung to the watchdog.
+        """
+        for _ in self.stream_generate(self.encode("Hello"), GenerationParams(max_tokens=2, temperature=0.0)):
+            pass
+
     @property
     def max_prompt_tokens(self) -> int:
         return self.stack.max_prompt_tokens
