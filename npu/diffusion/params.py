@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from npu.diffusion.image_encode import ImageFormat
 
 DEFAULT_STEPS = 4
@@ -48,10 +50,28 @@ class ImageOutput:
 
 
 @dataclass(frozen=True)
+class DecodedImage:
+    """The VAE's picture before encoding: what the device made, and what the encoder needs."""
+
+    pixels: np.ndarray  # HWC uint8
+    width: int
+    height: int
+    seed: int
+    steps: int
+    prompt_tokens: int
+    truncated: bool
+    timings: ImageTimings
+
+
+@dataclass(frozen=True)
 class ImageStep:
-    """One engine step done: ``stage`` is text, unet (``step`` of ``steps``), vae; ``output`` at the end."""
+    """One engine step done: ``stage`` is text, unet (``step`` of ``steps``), vae.
+
+    The last step carries ``output`` (encoded) or, when the caller encodes elsewhere, ``decoded``.
+    """
 
     stage: str
     step: int
     steps: int
     output: ImageOutput | None = None
+    decoded: DecodedImage | None = None

@@ -7,6 +7,7 @@ keeps streaming while an image is made.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -18,7 +19,14 @@ import numpy as np
 from npu.diffusion.bundle import TimeEmbeddings, find_files
 from npu.diffusion.clip_tokenizer import ClipTokenizer
 from npu.diffusion.image_encode import encode_image, to_pixels
-from npu.diffusion.params import MAX_GUIDANCE, ImageOutput, ImageParams, ImageStep, ImageTimings
+from npu.diffusion.params import (
+    MAX_GUIDANCE,
+    DecodedImage,
+    ImageOutput,
+    ImageParams,
+    ImageStep,
+    ImageTimings,
+)
 from npu.diffusion.scheduler import LATENT_SCALE, initial_latents, lcm_plan, lcm_step
 from npu.runtime.base import Session, TensorInfo
 from npu.runtime.factory import EXTENSIONS, open_session, resolve_backend
@@ -48,6 +56,19 @@ def unet_inputs(inputs: list[TensorInfo]) -> UnetInputs:
         raise ValueError(f"the UNet should take a latent, a time embedding and text embeddings; "
                          f"it takes {shapes}")
     return UnetInputs(sample=by_rank[4], time=by_rank[2], text=by_rank[3])
+
+
+def encode_decoded(image: DecodedImage, params: ImageParams) -> ImageOutput:
+    """PNG or JPEG bytes for a decoded picture (raises ``ImageTooLarge`` past ``max_bytes``)."""
+    started = time.monotonic()
+    encoded = encode_image(image.pixels, params.format, params.quality, params.max_bytes)
+    encode_ms = (time.monotonic() - started) * 1e3
+    return ImageOutput(
+        data=encoded.data, content_type=encoded.content_type, format=encoded.format, quality=encoded.quality,
+        width=image.width, height=image.height, seed=image.seed, steps=image.steps,
+        prompt_tokens=image.prompt_tokens, truncated=image.truncated,
+        timings=dataclasses.replace(image.timings, encode_ms=encode_ms),
+    )
 
 
 class DiffusionPipeline:
@@ -112,8 +133,12 @@ class DiffusionPipeline:
         if not params.prompt.strip():
             raise ImageRequestError("the prompt is empty")
 
-    def generate_steps(self, params: ImageParams) -> Iterator[ImageStep]:
-        """Yield after each piece of device work; the last item carries the encoded image."""
+    def generate_steps(self, params: ImageParams, *, encode: bool = True) -> Iterator[ImageStep]:
+        """Yield after each piece of device work; the last item carries the encoded image.
+
+        With ``encode=False`` it carries the decoded picture instead, for ``encode_decoded`` on
+        another thread: encoding is host work, and the device can meanwhile run other jobs.
+        """
         self.check(params)
         seed = params.seed if params.seed is not None else 0
         rng = np.random.default_rng(seed)
@@ -145,16 +170,15 @@ class DiffusionPipeline:
         vae_input = self.vae.get_inputs()[0]
         decoded = self.vae.run(None, {vae_input.name: (latents / LATENT_SCALE).astype(vae_input.dtype)})[0]
         vae_ms = (time.monotonic() - started) * 1e3
-        started = time.monotonic()
-        encoded = encode_image(to_pixels(decoded), params.format, params.quality, params.max_bytes)
-        encode_ms = (time.monotonic() - started) * 1e3
-        output = ImageOutput(
-            data=encoded.data, content_type=encoded.content_type, format=encoded.format,
-            quality=encoded.quality,
-            width=self.width, height=self.height, seed=seed, steps=total, prompt_tokens=prompt.tokens,
-            truncated=prompt.truncated, timings=ImageTimings(text_ms, unet_ms, vae_ms, encode_ms),
+        result = DecodedImage(
+            pixels=to_pixels(decoded), width=self.width, height=self.height, seed=seed, steps=total,
+            prompt_tokens=prompt.tokens, truncated=prompt.truncated,
+            timings=ImageTimings(text_ms, unet_ms, vae_ms),
         )
-        yield ImageStep("vae", total, total, output)
+        if encode:
+            yield ImageStep("vae", total, total, output=encode_decoded(result, params))
+        else:
+            yield ImageStep("vae", total, total, decoded=result)
 
     def _encode_text(self, ids: np.ndarray) -> np.ndarray:
         return self.text_encoder.run(None, {self.ids_name: ids.astype(self.ids_dtype)})[0].astype(np.float32)

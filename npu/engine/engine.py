@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,8 +106,29 @@ class Engine:
         self._durations: list[float] = []
         self.jobs_done = 0
         self.jobs_failed = 0
-        self.metrics = EngineMetrics(lambda: len(self._queue), lambda: sum(w.running for w in self.workers))
+        self.metrics = EngineMetrics(lambda: len(self._queue), self._running)
         self.workers = [self._new_worker(device_id) for device_id in device_ids]
+        # PNG/JPEG encoding is host work: done here, the device runs the next step meanwhile.
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-encode")
+        self._encoding = 0  # jobs whose picture is being encoded: still running for the state
+
+    def _running(self) -> int:
+        return sum(w.running for w in self.workers) + self._encoding
+
+    def encode_later(self, work: Callable[[], None]) -> None:
+        """Run ``work`` (a job's image encoding and its final event) on the encoder thread."""
+        with self._lock:
+            self._encoding += 1
+
+        def run() -> None:
+            try:
+                work()
+            finally:
+                with self._lock:
+                    self._encoding -= 1
+                self._notify_state()
+
+        self._encoder.submit(run)
 
     def _new_worker(self, device_id: int) -> DeviceWorker:
         worker = DeviceWorker(device_id, self.models_list, self, loader=self.loader,
@@ -137,6 +159,7 @@ class Engine:
             job.handle.finish(Failed(EngineError(ErrorCode.UNAVAILABLE, STOPPING)))
         for worker in self.workers:
             worker.join(timeout)
+        self._encoder.shutdown(wait=True)  # pictures being encoded are still delivered
         for worker in self._every_worker:
             if not worker.is_alive():  # a thread stuck in a hung call keeps what it holds
                 worker.runners.clear()  # the models' sessions and caches: gigabytes on the CPU twin
@@ -291,7 +314,7 @@ class Engine:
             depth = len(self._queue)
             paused = self._paused_reason
             stopping = self._stopping
-        running = sum(w.running for w in self.workers)
+        running = self._running()
         hot = [w for w in self.workers if w.thermal >= ThermalLevel.PAUSE]
         if stopping:
             name = "stopped"

@@ -23,8 +23,8 @@ from npu.device.base import DeviceFault, DeviceMonitor
 from npu.device.cmm_plan import bundle_mib
 from npu.device.thermal import ThermalLevel
 from npu.diffusion.image_encode import ImageTooLarge
-from npu.diffusion.params import ImageStep
-from npu.diffusion.pipeline import DiffusionPipeline, ImageRequestError
+from npu.diffusion.params import DecodedImage, ImageStep
+from npu.diffusion.pipeline import DiffusionPipeline, ImageRequestError, encode_decoded
 from npu.engine.api import (
     ChatRequest,
     ChatResult,
@@ -245,7 +245,7 @@ class DeviceWorker(threading.Thread):
         request = handle.request
         if isinstance(request, ImageRequest):
             assert isinstance(runner, DiffusionPipeline)
-            job.stream = runner.generate_steps(request.params)
+            job.stream = runner.generate_steps(request.params, encode=False)
         else:
             assert isinstance(runner, LLMRunner) and isinstance(request, ChatRequest)
             job.stream = runner.stream_generate(job.prompt_ids, request.params)
@@ -332,15 +332,33 @@ class DeviceWorker(threading.Thread):
                            self.engine.config.step_timeout)
 
     def _image_step(self, job: WorkerJob, step: ImageStep, now: float) -> None:
-        handle = job.handle
-        if step.output is None:
-            self._emit(handle, ImageProgress(step.stage, step.step, step.steps))
+        """Progress, or (the picture decoded) its encoding handed to the engine's encoder thread:
+        the device takes the next job's step meanwhile."""
+        if step.decoded is None:
+            self._emit(job.handle, ImageProgress(step.stage, step.step, step.steps))
             return
-        result = ImageResult(output=step.output, model=job.model_id, total_ms=(now - handle.submitted) * 1e3,
-                             queued_ms=(job.started - handle.submitted) * 1e3)
+        decoded = step.decoded
+        self.engine.encode_later(lambda: self._encode_and_finish(job, decoded))
         self._remove(job)
+
+    def _encode_and_finish(self, job: WorkerJob, decoded: DecodedImage) -> None:
+        handle = job.handle
+        request = handle.request
+        assert isinstance(request, ImageRequest)
+        try:
+            output = encode_decoded(decoded, request.params)
+        except ImageTooLarge as exc:
+            self._finish(job, Failed(EngineError(ErrorCode.BAD_REQUEST, str(exc))))
+            return
+        except Exception as exc:
+            logger.exception("encoding the image of job %s failed", handle.id)
+            self._finish(job, Failed(EngineError(ErrorCode.INTERNAL, f"encoding the image failed: {exc}")))
+            return
+        now = time.monotonic()
         self.engine.record_duration(now - job.started)
-        self._finish(job, Done(result))
+        self._finish(job, Done(ImageResult(output=output, model=job.model_id,
+                                           total_ms=(now - handle.submitted) * 1e3,
+                                           queued_ms=(job.started - handle.submitted) * 1e3)))
 
     def _count_tokens(self, job: WorkerJob, total: int, now: float) -> None:
         """Feed the latency histograms and the token counter as the job's usage grows."""
