@@ -14,7 +14,7 @@ from sd_factory import CORPUS, build_sd_bundle
 from npu.diffusion.clip_tokenizer import ClipTokenizer
 from npu.diffusion.image_encode import ImageTooLarge, encode_image
 from npu.diffusion.params import ImageParams
-from npu.diffusion.pipeline import DiffusionPipeline, ImageRequestError
+from npu.diffusion.pipeline import DiffusionPipeline, ImageRequestError, encode_decoded
 from npu.diffusion.scheduler import lcm_denoise, lcm_plan, lcm_renoise, lcm_timesteps
 
 
@@ -26,8 +26,8 @@ def pipeline(sd_bundle: Path) -> DiffusionPipeline:
 def generate(pipeline: DiffusionPipeline, **fields: object) -> bytes:
     params = ImageParams(**{"prompt": "a cat wearing sunglasses", "seed": 7, **fields})  # type: ignore[arg-type]
     *_, last = pipeline.generate_steps(params)
-    assert last.output is not None
-    return last.output.data
+    assert last.decoded is not None
+    return encode_decoded(last.decoded, params).data
 
 
 def test_timesteps_match_diffusers_lcm_scheduler() -> None:
@@ -90,8 +90,10 @@ def test_steps_are_one_engine_step_each(pipeline: DiffusionPipeline) -> None:
     steps = list(pipeline.generate_steps(ImageParams(prompt="rain over the gallery", seed=1, steps=2)))
     assert [(s.stage, s.step, s.steps) for s in steps] == [("text", 0, 2), ("unet", 1, 2), ("unet", 2, 2),
                                                           ("vae", 2, 2)]
-    output = steps[-1].output
-    assert output is not None and output.seed == 1 and output.steps == 2 and len(output.timings.unet_ms) == 2
+    decoded = steps[-1].decoded
+    assert decoded is not None and decoded.seed == 1 and decoded.steps == 2
+    assert len(decoded.timings.unet_ms) == 2
+    assert decoded.vae_output.shape == (1, 3, 64, 64)
 
 
 def test_what_the_model_cannot_make_is_refused_with_what_it_can(pipeline: DiffusionPipeline, sd_bundle: Path,

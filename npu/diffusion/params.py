@@ -35,43 +35,39 @@ class ImageTimings:
 
 
 @dataclass(frozen=True)
-class ImageOutput:
+class ImageFacts:
+    """What a picture is, before and after encoding."""
+
+    width: int
+    height: int
+    seed: int
+    steps: int
+    prompt_tokens: int
+    truncated: bool
+    timings: ImageTimings
+
+
+@dataclass(frozen=True)
+class DecodedImage(ImageFacts):
+    """The device's work done: the VAE's output, to be encoded on the host."""
+
+    vae_output: np.ndarray  # NCHW in [-1, 1]
+
+
+@dataclass(frozen=True)
+class ImageOutput(ImageFacts):
     data: bytes
     content_type: str
     format: ImageFormat
     quality: int | None
-    width: int
-    height: int
-    seed: int
-    steps: int
-    prompt_tokens: int
-    truncated: bool
-    timings: ImageTimings
-
-
-@dataclass(frozen=True)
-class DecodedImage:
-    """The VAE's picture before encoding: what the device made, and what the encoder needs."""
-
-    pixels: np.ndarray  # HWC uint8
-    width: int
-    height: int
-    seed: int
-    steps: int
-    prompt_tokens: int
-    truncated: bool
-    timings: ImageTimings
 
 
 @dataclass(frozen=True)
 class ImageStep:
-    """One engine step done: ``stage`` is text, unet (``step`` of ``steps``), vae.
-
-    The last step carries ``output`` (encoded) or, when the caller encodes elsewhere, ``decoded``.
-    """
+    """One engine step done: ``stage`` is text, unet (``step`` of ``steps``), vae; the last
+    step carries the ``decoded`` picture."""
 
     stage: str
     step: int
     steps: int
-    output: ImageOutput | None = None
     decoded: DecodedImage | None = None

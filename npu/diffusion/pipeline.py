@@ -22,6 +22,7 @@ from npu.diffusion.image_encode import encode_image, to_pixels
 from npu.diffusion.params import (
     MAX_GUIDANCE,
     DecodedImage,
+    ImageFacts,
     ImageOutput,
     ImageParams,
     ImageStep,
@@ -59,16 +60,16 @@ def unet_inputs(inputs: list[TensorInfo]) -> UnetInputs:
 
 
 def encode_decoded(image: DecodedImage, params: ImageParams) -> ImageOutput:
-    """PNG or JPEG bytes for a decoded picture (raises ``ImageTooLarge`` past ``max_bytes``)."""
+    """PNG or JPEG bytes for a decoded picture (raises ``ImageTooLarge`` past ``max_bytes``).
+
+    Host work: the engine runs it on its encoder thread, so the device goes on meanwhile.
+    """
     started = time.monotonic()
-    encoded = encode_image(image.pixels, params.format, params.quality, params.max_bytes)
-    encode_ms = (time.monotonic() - started) * 1e3
-    return ImageOutput(
-        data=encoded.data, content_type=encoded.content_type, format=encoded.format, quality=encoded.quality,
-        width=image.width, height=image.height, seed=image.seed, steps=image.steps,
-        prompt_tokens=image.prompt_tokens, truncated=image.truncated,
-        timings=dataclasses.replace(image.timings, encode_ms=encode_ms),
-    )
+    encoded = encode_image(to_pixels(image.vae_output), params.format, params.quality, params.max_bytes)
+    facts = {f.name: getattr(image, f.name) for f in dataclasses.fields(ImageFacts)}
+    facts["timings"] = dataclasses.replace(image.timings, encode_ms=(time.monotonic() - started) * 1e3)
+    return ImageOutput(**facts, data=encoded.data, content_type=encoded.content_type, format=encoded.format,
+                       quality=encoded.quality)
 
 
 class DiffusionPipeline:
@@ -87,8 +88,9 @@ class DiffusionPipeline:
         self.latent_shape = tuple(int(d) for d in sample.shape)  # type: ignore[arg-type]
         self.height = self.latent_shape[2] * VAE_FACTOR
         self.width = self.latent_shape[3] * VAE_FACTOR
-        ids = text_encoder.get_inputs()[0]
+        ids, vae_in = text_encoder.get_inputs()[0], vae.get_inputs()[0]
         self.ids_name, self.ids_dtype = ids.name, ids.dtype
+        self.vae_name, self.vae_dtype = vae_in.name, vae_in.dtype
         self.supported_steps = times.supported_steps()
 
     @classmethod
@@ -108,10 +110,8 @@ class DiffusionPipeline:
         return pipeline
 
     def warm_up(self) -> None:
-        """One whole image at the fewest steps, run once after a load (see ``LLMRunner.warm_up``)."""
-        params = ImageParams(prompt="warm up", steps=self.supported_steps[0], seed=0, format="jpeg",
-                             max_bytes=1 << 30)
-        for _ in self.generate_steps(params):
+        """Each model once, at the fewest steps, after a load (see ``LLMRunner.warm_up``)."""
+        for _ in self.generate_steps(ImageParams(prompt="warm up", steps=self.supported_steps[0], seed=0)):
             pass
 
     @property
@@ -133,12 +133,9 @@ class DiffusionPipeline:
         if not params.prompt.strip():
             raise ImageRequestError("the prompt is empty")
 
-    def generate_steps(self, params: ImageParams, *, encode: bool = True) -> Iterator[ImageStep]:
-        """Yield after each piece of device work; the last item carries the encoded image.
-
-        With ``encode=False`` it carries the decoded picture instead, for ``encode_decoded`` on
-        another thread: encoding is host work, and the device can meanwhile run other jobs.
-        """
+    def generate_steps(self, params: ImageParams) -> Iterator[ImageStep]:
+        """Yield after each piece of device work; the last item carries the decoded picture
+        (``encode_decoded`` makes it PNG or JPEG)."""
         self.check(params)
         seed = params.seed if params.seed is not None else 0
         rng = np.random.default_rng(seed)
@@ -167,18 +164,12 @@ class DiffusionPipeline:
             yield ImageStep("unet", i + 1, total)
 
         started = time.monotonic()
-        vae_input = self.vae.get_inputs()[0]
-        decoded = self.vae.run(None, {vae_input.name: (latents / LATENT_SCALE).astype(vae_input.dtype)})[0]
-        vae_ms = (time.monotonic() - started) * 1e3
-        result = DecodedImage(
-            pixels=to_pixels(decoded), width=self.width, height=self.height, seed=seed, steps=total,
-            prompt_tokens=prompt.tokens, truncated=prompt.truncated,
-            timings=ImageTimings(text_ms, unet_ms, vae_ms),
-        )
-        if encode:
-            yield ImageStep("vae", total, total, output=encode_decoded(result, params))
-        else:
-            yield ImageStep("vae", total, total, decoded=result)
+        decoded = self.vae.run(None, {self.vae_name: (latents / LATENT_SCALE).astype(self.vae_dtype)})[0]
+        yield ImageStep("vae", total, total, decoded=DecodedImage(
+            width=self.width, height=self.height, seed=seed, steps=total, prompt_tokens=prompt.tokens,
+            truncated=prompt.truncated, vae_output=decoded,
+            timings=ImageTimings(text_ms, unet_ms, (time.monotonic() - started) * 1e3),
+        ))
 
     def _encode_text(self, ids: np.ndarray) -> np.ndarray:
         return self.text_encoder.run(None, {self.ids_name: ids.astype(self.ids_dtype)})[0].astype(np.float32)

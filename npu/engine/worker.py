@@ -245,7 +245,7 @@ class DeviceWorker(threading.Thread):
         request = handle.request
         if isinstance(request, ImageRequest):
             assert isinstance(runner, DiffusionPipeline)
-            job.stream = runner.generate_steps(request.params, encode=False)
+            job.stream = runner.generate_steps(request.params)
         else:
             assert isinstance(runner, LLMRunner) and isinstance(request, ChatRequest)
             job.stream = runner.stream_generate(job.prompt_ids, request.params)
@@ -278,7 +278,7 @@ class DeviceWorker(threading.Thread):
         except EngineError as exc:
             self._fail(job, exc)
             return
-        except (ImageRequestError, ImageTooLarge) as exc:
+        except ImageRequestError as exc:
             self._fail(job, EngineError(ErrorCode.BAD_REQUEST, str(exc)))
             return
         except StopIteration:
