@@ -18,13 +18,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import threading
 import time
 from typing import Any
 
 from handlers.context import PENDING, HandlerContext, HandlerError, RequestMeta, default_text_bytes
 from handlers.payloads import ChatPayload, ImagePayload
-from handlers.reply import Reply, cut_utf8
+from handlers.reply import JobSink, Reply, cut_utf8
 from npu.engine.api import ChatRequest, Delta, Done, EngineError, Failed, JobEvent
 from npu.llm.params import GenerationParams
 
@@ -70,27 +69,17 @@ def check_chat_id(request_id: str | int) -> None:
         )
 
 
-class ChatSink:
-    """Called on the engine worker with the job's events; publishes and never blocks or raises."""
+class ChatSink(JobSink):
+    """Publishes the stream, the reply and the plain-text copy; never blocks."""
 
     def __init__(self, req: ChatPayload, ctx: HandlerContext, reply: Reply, request_id: str | int) -> None:
+        super().__init__(reply, request_id)
         self.ctx = ctx
-        self.reply = reply
-        self.request_id = request_id
         self.stream = req.stream
         self.text_topic = ctx.topics.response_text(KIND)
         self.max_bytes = req.max_bytes or default_text_bytes(self.text_topic)
         self.stream_topic = ctx.topics.stream(str(request_id)) if req.stream else None
         self._seq = itertools.count()
-        self._lock = threading.Lock()  # the sink may be called from a submit() that has not returned
-
-    def __call__(self, event: JobEvent) -> None:
-        try:
-            with self._lock:
-                self._handle(event)
-        except Exception:
-            logger.exception("chat sink failed for id %r", self.request_id)
-            self.reply.error("internal", "the appliance failed while answering; see its log")
 
     def _handle(self, event: JobEvent) -> None:
         if isinstance(event, Delta):

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from typing import Any
 
 from handlers.chat import check_chat_id, deadline_for, reply_engine_error
 from handlers.context import PENDING, HandlerContext, HandlerError, RequestMeta
 from handlers.payloads import ImagePayload
-from handlers.reply import Reply
+from handlers.reply import JobSink, Reply
 from npu.diffusion.params import ImageParams
 from npu.engine.api import Done, EngineError, Failed, ImageProgress, ImageRequest, ImageResult, JobEvent
 
@@ -36,26 +35,16 @@ def image_meta(request_id: str | int, prompt: str, result: ImageResult, display:
     }
 
 
-class ImageSink:
-    """Publishes the image, its description and the reply; called on the engine's worker."""
+class ImageSink(JobSink):
+    """Publishes the image, its description and the reply."""
 
     def __init__(self, req: ImagePayload, ctx: HandlerContext, reply: Reply, request_id: str | int,
                  display: str) -> None:
+        super().__init__(reply, request_id)
         self.req = req
         self.ctx = ctx
-        self.reply = reply
-        self.request_id = request_id
         self.display = display
         self.stream_topic = ctx.topics.stream(str(request_id)) if req.stream else None
-        self._lock = threading.Lock()
-
-    def __call__(self, event: JobEvent) -> None:
-        try:
-            with self._lock:
-                self._handle(event)
-        except Exception:
-            logger.exception("image sink failed for id %r", self.request_id)
-            self.reply.error("internal", "the appliance failed while publishing the image; see its log")
 
     def _handle(self, event: JobEvent) -> None:
         if isinstance(event, ImageProgress):

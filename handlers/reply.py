@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from handlers.context import PublishFn, TopicsLike
+from npu.engine.api import JobEvent
 
 logger = logging.getLogger(__name__)
 
@@ -113,3 +114,28 @@ class Reply:
         except Exception:
             logger.exception("could not publish the reply for id %r", self.request_id)
         return True
+
+
+class JobSink:
+    """Base of the engine sinks that complete a ``Reply``.
+
+    The engine calls a sink on its worker (or encoder) thread, possibly before ``submit()`` has
+    returned to the handler: events are handled one at a time, and a failure while publishing is
+    answered as an ``internal`` error instead of raised into the engine.
+    """
+
+    def __init__(self, reply: Reply, request_id: str | int) -> None:
+        self.reply = reply
+        self.request_id = request_id
+        self._lock = threading.Lock()
+
+    def __call__(self, event: JobEvent) -> None:
+        try:
+            with self._lock:
+                self._handle(event)
+        except Exception:
+            logger.exception("%s failed for id %r", type(self).__name__, self.request_id)
+            self.reply.error("internal", "the appliance failed while answering; see its log")
+
+    def _handle(self, event: JobEvent) -> None:
+        raise NotImplementedError
