@@ -79,8 +79,6 @@ def handle_image(req: ImagePayload, ctx: HandlerContext, reply: Reply, meta: Req
         ctx.topics.display(display)
     except ValueError as exc:
         raise HandlerError("bad_request", str(exc)) from exc
-    if not req.prompt.strip():
-        raise HandlerError("bad_request", "the prompt is empty")
     deadline = deadline_for(req, meta.received_at, meta.message_expiry, ctx.limits.request_timeout)
     params = ImageParams(
         prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width, height=req.height,

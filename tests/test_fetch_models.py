@@ -193,6 +193,10 @@ def test_list_unknown_ids_and_a_missing_cli_are_explained(tmp_path: Path, hub: P
                              env=env, capture_output=True, text=True, timeout=120, check=False)
     assert missing.returncode == 2 and "is not installed" in missing.stderr
     assert not (tmp_path / "m" / "qwen3-0.6b").exists()
+    (tmp_path / "appliance.yaml").write_text("models: [unclosed\n")
+    broken = fetch_models(tmp_path, hub, "qwen3-0.6b")
+    assert broken.returncode == 2 and "not valid YAML" in broken.stderr
+    assert calls(hub) == [], "a config that cannot take the entries is refused before any download"
 
 
 def test_merge_models_touches_only_the_models_block() -> None:

@@ -40,6 +40,10 @@ def run_fetch(ids: list[str], models_dir: Path, config_file: Path | None, defaul
     entries: list[CatalogEntry] = [find_entry(i) for i in ids]
     if default is not None and default not in ids:
         raise ValueError(f"--default {default!r} is not one of the models being fetched")
+    text = ""
+    if config_file is not None and config_file.is_file():
+        text = config_file.read_text(encoding="utf-8")
+    merge_models(text, [])  # a config that cannot take the entries is refused before any download
     hub = hub or HubClient()
     hub.executable()  # say that the CLI is missing before anything is downloaded
     written = []
@@ -48,7 +52,6 @@ def run_fetch(ids: list[str], models_dir: Path, config_file: Path | None, defaul
         written.append(model_entry(entry.id, entry.kind, entry_path(bundle, config_file),
                                    default=entry.id == default))
     if config_file is not None:
-        text = config_file.read_text(encoding="utf-8") if config_file.is_file() else ""
         if text:
             shutil.copyfile(config_file, config_file.with_name(config_file.name + ".bak"))
         tmp = config_file.with_name(f".{config_file.name}.tmp")

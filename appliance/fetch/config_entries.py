@@ -24,7 +24,10 @@ def model_entry(model_id: str, kind: str, path: str, *, default: bool = False) -
 
 def merge_models(text: str, entries: list[dict[str, Any]]) -> str:
     """``text`` (a YAML config) with ``entries`` in its ``models:`` list."""
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"the config file is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError("the config file is not a YAML mapping")
     models = list(data.get("models") or [])

@@ -24,6 +24,7 @@ from appliance.fetch.layout import (
     chat_problems,
     image_compiled_files,
     image_problems,
+    repo_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def fetch(entry: CatalogEntry, models_dir: Path, hub: HubClient) -> Path:
 
 def _assemble_chat(source: ChatSource, models_dir: Path, staging: Path, hub: HubClient) -> None:
     upstream = download_dir(models_dir, source.upstream)
-    hub.download(source.upstream, [_in(source.upstream, f) for f in source.upstream_files], upstream)
+    hub.download(source.upstream, [repo_path(source.upstream.folder, f) for f in source.upstream_files],
+                 upstream)
     up = upstream / source.upstream.folder
     config = _read_json(up / "config.json")
     generation_file = up / "generation_config.json"
@@ -94,10 +96,6 @@ def _assemble_image(source: ImageSource, models_dir: Path, staging: Path, hub: H
     problems = image_problems(staging, source.files)
     if problems:
         raise BundleIncomplete(f"{source.compiled.repo}: " + "; ".join(problems))
-
-
-def _in(source: RepoFiles, name: str) -> str:
-    return f"{source.folder.strip('/')}/{name}" if source.folder.strip("/") else name
 
 
 def _link(link: Path, target: Path) -> None:

@@ -128,7 +128,10 @@ class Engine:
                     self._encoding -= 1
                 self._notify_state()
 
-        self._encoder.submit(run)
+        try:
+            self._encoder.submit(run)
+        except RuntimeError:  # stopping, after a worker's join timed out: encode here, answer the job
+            run()
 
     def _new_worker(self, device_id: int) -> DeviceWorker:
         worker = DeviceWorker(device_id, self.models_list, self, loader=self.loader,
