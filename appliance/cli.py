@@ -226,8 +226,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 def bundle_problem(path: Path, kind: str) -> str | None:
     """Why ``path`` is not a bundle of this kind, or None."""
     if kind == "image":
-        if not any((path / f"unet{ext}").is_file() for ext in (".axmodel", ".onnx")):
-            return "NOT AN IMAGE BUNDLE (no unet.axmodel or unet.onnx)"
+        from npu.diffusion.bundle import find_files
+
+        ext = ".axmodel" if any(path.rglob("*.axmodel")) else ".onnx"
+        try:
+            find_files(path, ext)
+        except FileNotFoundError as exc:
+            return f"NOT AN IMAGE BUNDLE ({exc})"
         return None
     if not (path / "config.json").is_file():
         return "NOT A BUNDLE (no config.json)"

@@ -178,6 +178,12 @@ def test_the_image_model_keeps_its_folders(tmp_path: Path, hub: Path) -> None:
     assert (bundle / "tokenizer" / "vocab.json").is_file() and (bundle / "unet.axmodel").is_file()
     entry = yaml.safe_load((tmp_path / "appliance.yaml").read_text())["models"][0]
     assert entry == {"id": "sd15-lcm", "kind": "image", "path": "models/sd15-lcm", "runtime": "auto"}
+    command = [sys.executable, "-m", "appliance", "check", "-c", str(tmp_path / "appliance.yaml")]
+    check = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert f"model      sd15-lcm (image, runtime auto): {bundle}: ok" in check.stdout, check.stdout
+    (bundle / "unet.axmodel").unlink()
+    check = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert check.returncode == 1 and "NOT AN IMAGE BUNDLE" in check.stdout and "unet.axmodel" in check.stdout
 
 
 def test_list_unknown_ids_and_a_missing_cli_are_explained(tmp_path: Path, hub: Path) -> None:

@@ -23,9 +23,9 @@ from appliance.fetch.layout import (
     chat_compiled_files,
     chat_problems,
     image_compiled_files,
-    image_problems,
     repo_path,
 )
+from npu.diffusion.bundle import find_files
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +93,10 @@ def _assemble_image(source: ImageSource, models_dir: Path, staging: Path, hub: H
     hub.download(source.compiled, files, compiled)
     for name, repo_file in zip(source.files, files, strict=True):
         _link(staging / name, compiled / repo_file)
-    problems = image_problems(staging, source.files)
-    if problems:
-        raise BundleIncomplete(f"{source.compiled.repo}: " + "; ".join(problems))
+    try:
+        find_files(staging, ".axmodel")  # the layout the pipeline loads
+    except FileNotFoundError as exc:
+        raise BundleIncomplete(f"{source.compiled.repo}: {exc}") from exc
 
 
 def _link(link: Path, target: Path) -> None:

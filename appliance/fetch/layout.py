@@ -73,9 +73,3 @@ def chat_problems(bundle: Path, config: dict[str, Any], prefix: str) -> list[str
             )
     return problems
 
-
-def image_problems(bundle: Path, files: tuple[str, ...]) -> list[str]:
-    problems = [f"{name} is missing" for name in files if not (bundle / name).is_file()]
-    problems += [f"{name} is empty" for name in files
-                 if (bundle / name).is_file() and (bundle / name).stat().st_size == 0]
-    return problems

@@ -47,8 +47,11 @@ def find_files(bundle: Path, extension: str) -> BundleFiles:
     for name in ("unet", "vae_decoder"):
         if not (bundle / f"{name}{extension}").is_file():
             missing.append(f"{name}{extension}")
-    if not (bundle / "tokenizer" / "vocab.json").is_file():
-        missing.append("tokenizer/vocab.json")
+    for name in ("vocab.json", "merges.txt"):
+        if not (bundle / "tokenizer" / name).is_file():
+            missing.append(f"tokenizer/{name}")
+    if not any((bundle / table).is_file() for table in (TXT2IMG_TABLE, FULL_TABLE)):
+        missing.append(TXT2IMG_TABLE)
     if missing:
         raise FileNotFoundError(f"{bundle} is not an sd1.5-lcm bundle: it lacks {', '.join(missing)}")
     return BundleFiles(encoders[0], bundle / f"unet{extension}", bundle / f"vae_decoder{extension}",
