@@ -271,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(level=getattr(args, "log_level", "INFO"), format=LOG_FORMAT, datefmt="%H:%M:%S")
+    level = getattr(args, "log_level", "INFO")
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%H:%M:%S")
+    # APScheduler logs two INFO lines per job run (every 2 s): a journal of nothing else within
+    # days. Its warnings and errors still show; DEBUG shows everything.
+    logging.getLogger("apscheduler").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     from appliance.config import ConfigError
 
     func: Callable[[argparse.Namespace], int] = args.func

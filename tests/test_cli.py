@@ -154,3 +154,16 @@ def test_cmm_plan() -> None:
     assert plan.need_mib == 7000.0 and plan.fits is False and "DOES NOT FIT" in plan.describe()
     assert CmmPlan({"llm": 3000.0}, 7040.0, None).fits is True
     assert CmmPlan({"llm": 3000.0}, None, None).fits is None
+
+
+def test_scheduler_chatter_stays_out_of_the_log_unless_debugging(tmp_path: Path) -> None:
+    import logging
+
+    runs = logging.getLogger("apscheduler.executors.default")  # "Running job ..." every 2 s
+    try:
+        main(["check", "-c", str(tmp_path / "none.yaml")])
+        assert not runs.isEnabledFor(logging.INFO) and runs.isEnabledFor(logging.WARNING)
+        main(["--log-level", "DEBUG", "check", "-c", str(tmp_path / "none.yaml")])
+        assert runs.isEnabledFor(logging.DEBUG)
+    finally:
+        logging.getLogger("apscheduler").setLevel(logging.NOTSET)
