@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from npu.diffusion.image_encode import ImageFormat
 from npu.engine.api import EngineState, JobHandle, ModelInfo, Request, Sink
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class ImageDefaults:
     """What an image request gets for the fields it leaves out (``images:`` in the config)."""
 
     display: str = "main"
-    format: str = "png"
+    format: ImageFormat = "png"
     quality: int = 90
     max_bytes: int = 3_500_000
 

@@ -83,7 +83,7 @@ def handle_image(req: ImagePayload, ctx: HandlerContext, reply: Reply, meta: Req
     params = ImageParams(
         prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width, height=req.height,
         steps=req.steps, seed=req.seed, guidance_scale=req.guidance_scale,
-        format=req.format or defaults.format,  # type: ignore[arg-type]
+        format=req.format or defaults.format,
         quality=req.quality or defaults.quality, max_bytes=defaults.max_bytes,
     )
     request = ImageRequest(params, model=req.model, deadline=deadline, request_id=str(request_id))

@@ -21,7 +21,7 @@ from typing import Any
 
 from npu.device.base import DeviceMonitor, DeviceReading
 from npu.device.thermal import ThermalLevel
-from npu.diffusion.pipeline import ImageRequestError
+from npu.diffusion.pipeline import DiffusionPipeline, ImageRequestError
 from npu.engine.api import (
     ChatRequest,
     EngineError,
@@ -36,8 +36,8 @@ from npu.engine.api import (
 )
 from npu.engine.metrics import EngineMetrics
 from npu.engine.recovery import Recovery, RecoveryConfig
-from npu.engine.worker import DeviceWorker, ModelSpec, RunnerLoader, WorkerJob
-from npu.llm.runner import ContextLengthError
+from npu.engine.worker import DeviceWorker, ModelSpec, Runner, RunnerLoader, WorkerJob
+from npu.llm.runner import ContextLengthError, LLMRunner
 from npu.runtime.memory import release_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -194,8 +194,10 @@ class Engine:
             message = (f"no image model {request.model!r} here; available: {available}" if available
                        else NO_IMAGE_MODEL)
             raise EngineError(ErrorCode.MODEL_NOT_FOUND, message)
+        pipeline = self._any_runner(spec.id)
+        assert isinstance(pipeline, DiffusionPipeline)
         try:
-            self._any_runner(spec.id).check(request.params)
+            pipeline.check(request.params)
         except ImageRequestError as exc:
             raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from exc
         return self._enqueue(WorkerJob(handle=JobHandle(request, sink), model_id=spec.id, prompt_ids=[]))
@@ -213,6 +215,7 @@ class Engine:
                 ErrorCode.MODEL_NOT_FOUND, f"no chat model {request.model!r} here; available: {available}"
             )
         runner = self._any_runner(spec.id)
+        assert isinstance(runner, LLMRunner)
         try:
             if request.messages is not None:
                 prompt_ids = runner.encode_chat(request.messages, enable_thinking=request.enable_thinking)
@@ -504,7 +507,7 @@ class Engine:
         slots = max(1, sum(w.max_active for w in self.workers))
         return round(max(1.0, per_job * (len(self._queue) + 1) / slots), 1)
 
-    def _any_runner(self, model_id: str):  # type: ignore[no-untyped-def]
+    def _any_runner(self, model_id: str) -> Runner:
         for worker in self.workers:
             runner = worker.runners.get(model_id)
             if runner is not None:
