@@ -109,6 +109,11 @@ class DiffusionPipeline:
                     pipeline.supported_steps, concrete, time.monotonic() - started)
         return pipeline
 
+    def close(self) -> None:
+        """Unload the three models from the device; the pipeline is unusable afterwards."""
+        for session in (self.text_encoder, self.unet, self.vae):
+            session.close()
+
     def warm_up(self) -> None:
         """Each model once, at the fewest steps, after a load (see ``LLMRunner.warm_up``)."""
         for _ in self.generate_steps(ImageParams(prompt="warm up", steps=self.supported_steps[0], seed=0)):

@@ -200,6 +200,11 @@ class LayerStack:
             cache.decode_feeds = feeds
         return feeds
 
+    def close(self) -> None:
+        """Unload every layer and the post model (before a reload or after a card reboot)."""
+        for session in [*self.layers, self.post]:
+            session.close()
+
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Final norm and LM head: float32 logits over the vocabulary."""
         out = self.post.run(None, {self._post_input: hidden.astype(self.post_dtype, copy=False)})

@@ -115,6 +115,10 @@ class LLMRunner:
         )
         return cls(bundle_dir, args, stack, embedding, tokenizer, template, concrete, cache_slots, add_bos)
 
+    def close(self) -> None:
+        """Unload the model's sessions from the device; the runner is unusable afterwards."""
+        self.stack.close()
+
     @property
     def context_length(self) -> int:
         return self.stack.kv_cache_len

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -111,3 +112,24 @@ class AxEngineSession:
         except RuntimeError as exc:
             # "axclrtEngineExecute failed 0x...": the card is gone or wedged; the engine recovers it.
             raise DeviceFault(f"NPU run failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Unload the model from the card now.
+
+        PyAXEngine keeps every session in a module-level list until the process exits
+        (``axengine/_axclrt.py``: ``_all_model_instances.append(self)`` in ``__init__``, and only
+        ``_finalize_axclrt`` at exit unloads them), so dropping the last reference frees nothing
+        on the card: a reload or a recovery would leak the model's CMM each time. Its own unload
+        (``AXCLRTSession._unload``: free the IO buffers, ``axclrtEngineUnload``) is idempotent;
+        it is called here and the session taken out of that list.
+        """
+        inner = getattr(self._sess, "_sess", None)
+        self._sess = None
+        if inner is None:
+            return
+        unload = getattr(inner, "_unload", None)
+        if unload is not None:
+            unload()
+        registry = getattr(sys.modules.get(type(inner).__module__), "_all_model_instances", None)
+        if isinstance(registry, list) and inner in registry:
+            registry.remove(inner)

@@ -49,3 +49,7 @@ class Session(Protocol):
     ) -> list[np.ndarray]:
         """Run once; outputs come back in the model's output order when names are ``None``."""
         ...
+
+    def close(self) -> None:
+        """Free the model and its buffers now (on the NPU: its CMM), not whenever GC gets to it."""
+        ...

@@ -85,3 +85,6 @@ class OnnxSession:
         shape_group: int = 0,
     ) -> list[np.ndarray]:
         return self._sess.run(output_names or self._output_names, feeds)
+
+    def close(self) -> None:
+        self._sess = None  # type: ignore[assignment]
