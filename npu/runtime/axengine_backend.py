@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -120,16 +119,12 @@ class AxEngineSession:
         (``axengine/_axclrt.py``: ``_all_model_instances.append(self)`` in ``__init__``, and only
         ``_finalize_axclrt`` at exit unloads them), so dropping the last reference frees nothing
         on the card: a reload or a recovery would leak the model's CMM each time. Its own unload
-        (``AXCLRTSession._unload``: free the IO buffers, ``axclrtEngineUnload``) is idempotent;
-        it is called here and the session taken out of that list.
+        (``AXCLRTSession._unload``: free the IO buffers, then ``axclrtEngineUnload``) is
+        idempotent, so it is called here, and the emptied object stays in that list: taking it out
+        would make its ``__del__`` (which removes itself from the list) raise.
         """
         inner = getattr(self._sess, "_sess", None)
         self._sess = None
-        if inner is None:
-            return
         unload = getattr(inner, "_unload", None)
         if unload is not None:
             unload()
-        registry = getattr(sys.modules.get(type(inner).__module__), "_all_model_instances", None)
-        if isinstance(registry, list) and inner in registry:
-            registry.remove(inner)
