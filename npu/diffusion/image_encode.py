@@ -29,8 +29,13 @@ class EncodedImage:
 
 
 def to_pixels(decoded: np.ndarray) -> np.ndarray:
-    """VAE output NCHW in [-1, 1] -> HWC uint8."""
-    image = np.clip(decoded[0].astype(np.float32) / 2 + 0.5, 0.0, 1.0)
+    """VAE output NCHW in [-1, 1] -> HWC uint8 RGB.
+
+    AXERA's compiled VAE may return a fourth channel; like its own script
+    (sd1.5-lcm.axera ``python/run_txt2img_axe_infer.py``: ``image[:, :, :3]``), only the first
+    three are the picture.
+    """
+    image = np.clip(decoded[0, :3].astype(np.float32) / 2 + 0.5, 0.0, 1.0)
     return (image.transpose(1, 2, 0) * 255).round().astype(np.uint8)
 
 

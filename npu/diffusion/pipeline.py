@@ -30,7 +30,7 @@ from npu.diffusion.params import (
 )
 from npu.diffusion.scheduler import LATENT_SCALE, initial_latents, lcm_plan, lcm_step
 from npu.runtime.base import Session, TensorInfo
-from npu.runtime.factory import EXTENSIONS, open_session, resolve_backend
+from npu.runtime.factory import EXTENSIONS, open_sessions
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +96,15 @@ class DiffusionPipeline:
     @classmethod
     def load(cls, path: Path, backend: str = "auto", device_id: int = 0) -> DiffusionPipeline:
         path = Path(path)
-        concrete = resolve_backend(path, backend)
-        files = find_files(path, EXTENSIONS[concrete])
         started = time.monotonic()
-        sessions = [
-            open_session(f.parent, f.stem, concrete, device_id=device_id)
-            for f in (files.text_encoder, files.unet, files.vae_decoder)
-        ]
+
+        def stems(concrete: str) -> list[str]:
+            found = find_files(path, EXTENSIONS[concrete])
+            models = (found.text_encoder, found.unet, found.vae_decoder)
+            return [str(f.relative_to(path).with_suffix("")) for f in models]
+
+        concrete, sessions = open_sessions(path, stems, backend, device_id=device_id)
+        files = find_files(path, EXTENSIONS[concrete])
         tokenizer, times = ClipTokenizer.load(files.tokenizer), TimeEmbeddings.load(path)
         pipeline = cls(path, concrete, *sessions, tokenizer, times)
         logger.info("%s: %dx%d, steps %s, %s, loaded in %.1f s", path.name, pipeline.width, pipeline.height,

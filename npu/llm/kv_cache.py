@@ -91,11 +91,12 @@ def reusable_prefix(cached: Sequence[int], prompt: Sequence[int], chunk: int) ->
 
 
 class SequenceCache:
-    """The KV rows of one token sequence across all layers, plus its decode mask.
+    """The KV rows of one token sequence across all layers, plus its decode masks.
 
     Invariant: ``tokens`` are exactly the tokens whose rows are stored, in positions
-    ``0 .. len(tokens)``; ``decode_mask`` attends to those rows and to the current token (its last
-    column) and masks the rest.
+    ``0 .. len(tokens)``; each decode mask (one per decode group's capacity ``c``, shaped
+    ``(1, 1, c + 1)``) attends to those rows and to the current token (its last column) and
+    masks the rest.
     """
 
     def __init__(self, layers: list[LayerCache], dtype: np.dtype) -> None:
@@ -103,10 +104,27 @@ class SequenceCache:
             raise ValueError("a sequence cache needs at least one layer")
         self.layers = layers
         self.capacity = layers[0].capacity
+        self.dtype = np.dtype(dtype)
         self.tokens: list[int] = []
-        self.decode_mask = np.full((1, 1, self.capacity + 1), MASKED, dtype=dtype)
-        self.decode_mask[..., self.capacity] = 0
-        self.decode_feeds: list[dict[str, np.ndarray]] | None = None  # built by the layer stack
+        self._masks: dict[int, np.ndarray] = {}
+        self.decode_feeds: dict[int, list[dict[str, np.ndarray]]] = {}  # by group, built by the stack
+
+    @property
+    def decode_mask(self) -> np.ndarray:
+        """The mask of a decode over the whole capacity."""
+        return self.decode_mask_for(self.capacity)
+
+    def decode_mask_for(self, rows: int) -> np.ndarray:
+        """The decode mask of a group attending to ``rows`` cache rows (kept up to date in place)."""
+        mask = self._masks.get(rows)
+        if mask is None:
+            if not 0 < rows <= self.capacity:
+                raise ValueError(f"a decode group of {rows} rows does not fit a cache of {self.capacity}")
+            mask = np.full((1, 1, rows + 1), MASKED, dtype=self.dtype)
+            mask[..., rows] = 0
+            mask[..., : min(self.offset, rows)] = 0
+            self._masks[rows] = mask
+        return mask
 
     @property
     def offset(self) -> int:
@@ -123,7 +141,8 @@ class SequenceCache:
     def trim(self, n: int) -> None:
         """Forget every row from position ``n`` on."""
         n = max(0, min(n, self.offset))
-        self.decode_mask[..., n : self.capacity] = MASKED
+        for rows, mask in self._masks.items():
+            mask[..., n:rows] = MASKED
         del self.tokens[n:]
 
     def commit(self, start: int, token_ids: Sequence[int]) -> None:
@@ -134,7 +153,8 @@ class SequenceCache:
         if end > self.capacity:
             raise ValueError(f"KV cache full: {end} rows needed, {self.capacity} available")
         self.tokens.extend(int(t) for t in token_ids)
-        self.decode_mask[..., start:end] = 0
+        for rows, mask in self._masks.items():
+            mask[..., start : min(end, rows)] = 0
 
 
 class CachePool:

@@ -1,9 +1,11 @@
-"""Drive a bundle's per-layer models through AXERA's shape groups.
+"""Drive a bundle's per-layer models through the shape groups their sessions declare.
 
-Group 0 is decode (one token against the whole ``kv_cache_len`` cache); group ``s + 1`` is a
-128-token prefill chunk with ``128 * s`` tokens of history (a one-row dummy for ``s = 0``). The
-same calls work for ``.axmodel`` files on the NPU (static shapes, bf16) and ``.onnx`` files on the
-CPU (dynamic shapes, fp32): every feed is built in the dtype the session declares.
+Which group is decode and which a prefill chunk, and what each holds, is read from the sessions
+(``npu.llm.shape_groups``), never assumed: a decode step runs on the smallest decode group whose
+cache holds the sequence, a prefill chunk on the smallest prefill group whose history holds the
+rows already stored. The same calls work for ``.axmodel`` files on the NPU (static shapes, bf16)
+and ``.onnx`` files on the CPU (dynamic shapes, fp32): every feed is built in the shape and dtype
+the session declares for that group.
 """
 
 from __future__ import annotations
@@ -17,12 +19,25 @@ import numpy as np
 
 from npu.llm.kv_cache import MASKED, LayerKVCache, SequenceCache
 from npu.llm.model_args import DEFAULT_KV_CACHE_LEN, ModelArgs
-from npu.runtime import Session, open_session
+from npu.llm.shape_groups import (
+    IN_NAMES,
+    OUT_NAMES,
+    BundleShapeError,
+    DecodeGroup,
+    GroupPlan,
+    PrefillGroup,
+    count_groups,
+    declared_groups,
+    plan_dynamic,
+    plan_static,
+    same_groups,
+)
+from npu.runtime import Session, open_session, resolve_backend
+from npu.runtime.factory import EXTENSIONS, open_sessions
 
 logger = logging.getLogger(__name__)
 
 _LAYER_RE = re.compile(r"^(?P<prefix>.+)_p(?P<chunk>\d+)_l(?P<idx>\d+)_together\.(?:axmodel|onnx)$")
-_OUT_NAMES = ("K_cache_out", "V_cache_out", "output")
 
 
 @dataclass(frozen=True)
@@ -59,29 +74,27 @@ def find_bundle_files(bundle_dir: Path, num_layers: int, extension: str) -> Bund
 class LayerStack:
     """The decoder layers and the post model of one bundle, loaded on one device."""
 
-    def __init__(self, layers: list[Session], post: Session, args: ModelArgs, chunk: int) -> None:
+    def __init__(self, layers: list[Session], post: Session, args: ModelArgs, plan: GroupPlan) -> None:
         self.layers = layers
         self.post = post
         self.args = args
-        self.chunk = chunk
-        decode_inputs = {t.name: t for t in layers[0].get_inputs(0)}
-        for name in ("K_cache", "V_cache", "indices", "input", "mask"):
-            if name not in decode_inputs:
-                raise ValueError(f"{layers[0].path} has no input named {name!r}")
-        self.dtype = decode_inputs["input"].dtype
-        self.cache_dtype = decode_inputs["K_cache"].dtype
-        self.mask_dtype = decode_inputs["mask"].dtype
+        self.plan = plan
+        self.chunk = plan.chunk
+        first = layers[0]
+        decode_gid = plan.decode[0].gid
+        inputs = {t.name: t for t in first.get_inputs(decode_gid)}
+        self.dtype = inputs["input"].dtype
+        self.cache_dtype = inputs["K_cache"].dtype
+        self.mask_dtype = inputs["mask"].dtype
+        self.indices_dtype = inputs["indices"].dtype
         post_input = post.get_inputs(0)[0]
         self.post_dtype = post_input.dtype
         self._post_input = post_input.name
-        self.kv_cache_len = self._kv_cache_len(decode_inputs["K_cache"].shape)
-        self.max_prefill_chunks = self._max_prefill_chunks()
-        outputs = [t.name for t in layers[0].get_outputs(0)]
-        missing = [n for n in _OUT_NAMES if n not in outputs]
-        if missing:
-            raise ValueError(f"{layers[0].path} lacks outputs {missing}")
-        self._out_index = tuple(outputs.index(n) for n in _OUT_NAMES)
-        self._dummy = np.zeros((1, 1, args.kv_dim), dtype=self.cache_dtype)
+        self.kv_cache_len = plan.capacity
+        self.max_prefill_chunks = len(plan.prefill)
+        outputs = [t.name for t in first.get_outputs(decode_gid)]
+        self._out_index = tuple(outputs.index(n) for n in OUT_NAMES)
+        self._placeholders: dict[int, np.ndarray] = {}
 
     @classmethod
     def load(
@@ -93,39 +106,28 @@ class LayerStack:
         device_id: int = 0,
         threads: int | None = None,
     ) -> LayerStack:
-        ext = ".axmodel" if backend == "axengine" else ".onnx"
-        files = find_bundle_files(bundle_dir, args.num_hidden_layers, ext)
-        layers = [
-            open_session(bundle_dir, stem, backend, device_id=device_id, threads=threads)
-            for stem in files.layer_stems
-        ]
-        post = open_session(bundle_dir, files.post_stem, backend, device_id=device_id, threads=threads)
-        return cls(layers, post, args, files.chunk)
+        """Open every layer and the post model (``backend`` may be ``auto``), then read their groups."""
 
-    def _kv_cache_len(self, shape: tuple[int | str | None, ...]) -> int:
-        if isinstance(shape[1], int) and shape[1] > 0:
-            return shape[1]
-        return self.args.kv_cache_len or DEFAULT_KV_CACHE_LEN
+        def stems(concrete: str) -> list[str]:
+            files = find_bundle_files(bundle_dir, args.num_hidden_layers, EXTENSIONS[concrete])
+            return [*files.layer_stems, files.post_stem]
 
-    def _max_prefill_chunks(self) -> int:
-        """How many prefill groups the compiled models hold (static), or what the config says."""
-        configured = self.args.max_prefill_chunks or self.kv_cache_len // self.chunk
-        shape = self.layers[0].get_inputs(0)[0].shape
-        if all(isinstance(d, int) for d in shape):  # static shapes: count the groups present
-            groups = 0
-            while groups < configured:
-                try:
-                    self.layers[0].get_inputs(groups + 1)
-                except (ValueError, IndexError):
-                    break
-                groups += 1
-            return groups
-        return configured
+        _, sessions = open_sessions(bundle_dir, stems, backend, device_id=device_id, threads=threads)
+        try:
+            return cls(sessions[:-1], sessions[-1], args, plan_layers(sessions[:-1], args))
+        except BaseException:
+            for session in sessions:
+                session.close()
+            raise
+
+    @property
+    def backend(self) -> str:
+        return self.layers[0].backend
 
     @property
     def max_prompt_tokens(self) -> int:
         """Prompt tokens that fit: the prefill groups, leaving one cache row to generate into."""
-        return min(self.max_prefill_chunks * self.chunk, self.kv_cache_len - 1)
+        return self.plan.max_prompt_tokens
 
     def new_cache(self) -> SequenceCache:
         layers = [
@@ -134,32 +136,45 @@ class LayerStack:
         ]
         return SequenceCache(layers, self.mask_dtype)  # type: ignore[arg-type]
 
+    def _placeholder(self, group: PrefillGroup) -> np.ndarray:
+        """Zeros of the declared history shape of a group without history (built once)."""
+        zeros = self._placeholders.get(group.gid)
+        if zeros is None:
+            shape = group.placeholder or (1, 1, self.args.kv_dim)
+            zeros = self._placeholders[group.gid] = np.zeros(shape, dtype=self.cache_dtype)
+        return zeros
+
     def prefill_chunk(self, cache: SequenceCache, token_ids: list[int], embeds: np.ndarray) -> np.ndarray:
         """Run up to ``chunk`` tokens appended at ``cache.offset`` (a multiple of ``chunk``).
 
-        Returns the last real token's hidden state ``(1, 1, hidden)``.
+        The chunk runs on the smallest prefill group whose history holds the stored rows; history
+        columns beyond them (a group with more history than used) are masked. Returns the last
+        real token's hidden state ``(1, 1, hidden)``.
         """
         start, n, size = cache.offset, len(token_ids), self.chunk
         if start % size or not 0 < n <= size:
             raise ValueError(f"prefill chunk must start on a multiple of {size} and hold 1..{size} tokens")
-        s = start // size
-        if s >= self.max_prefill_chunks:
-            raise ValueError(f"prefill chunk {s} is beyond the {self.max_prefill_chunks} the model holds")
+        if start + n > cache.capacity:
+            raise ValueError(f"KV cache full: {start + n} rows needed, {cache.capacity} available")
+        group = self.plan.prefill_for(start)
+        hist = group.history
         x = np.zeros((1, size, self.args.hidden_size), dtype=self.dtype)
         x[0, :n] = embeds
-        indices = np.zeros((1, size), dtype=np.uint32)
-        indices[0, :n] = np.arange(start, start + n, dtype=np.uint32)
-        width = start + size
+        indices = np.zeros((1, size), dtype=self.indices_dtype)
+        indices[0, :n] = np.arange(start, start + n)
         rows = np.arange(size)[:, None]
-        cols = np.arange(width)[None, :]
-        attend = (cols <= start + rows) & (rows < n)
+        cols = np.arange(hist + size)[None, :]
+        real = rows < n
+        attend = ((cols < start) | ((cols >= hist) & (cols - hist <= rows))) & real
         mask = np.where(attend, 0.0, MASKED).astype(self.mask_dtype)[None]
         k_out, v_out, h_out = self._out_index
-        group = s + 1
         for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
-            k_hist, v_hist = layer_cache.history(start) if s else (self._dummy, self._dummy)
+            if hist:
+                k_hist, v_hist = layer_cache.history(hist)
+            else:
+                k_hist = v_hist = self._placeholder(group)
             feeds = {"K_cache": k_hist, "V_cache": v_hist, "indices": indices, "input": x, "mask": mask}
-            outs = layer.run(None, feeds, shape_group=group)
+            outs = layer.run(None, feeds, shape_group=group.gid)
             layer_cache.write(start, outs[k_out][:, :n], outs[v_out][:, :n])
             x = outs[h_out]
         cache.commit(start, token_ids)
@@ -168,36 +183,37 @@ class LayerStack:
     def decode(self, cache: SequenceCache, token_id: int, embed: np.ndarray) -> np.ndarray:
         """One token at position ``cache.offset``; returns its hidden state ``(1, 1, hidden)``.
 
-        This is the per-token hot path: one feed dict per layer is reused across tokens (only
-        ``input`` changes) and one K/V row per layer is written back.
+        It runs on the smallest decode group whose cache holds the row it writes. This is the
+        per-token hot path: the feed dicts of each group are built once per cache and reused
+        (only ``input`` and the shared ``indices`` change), and one K/V row per layer is written.
         """
         pos = cache.offset
         if pos >= self.kv_cache_len:
             raise ValueError(f"KV cache full ({self.kv_cache_len} rows)")
+        group = self.plan.decode_for(pos + 1)
         x = embed.reshape(1, 1, -1).astype(self.dtype, copy=False)
-        feeds = self._decode_feeds(cache)
+        feeds = self._decode_feeds(cache, group)
         feeds[0]["indices"][0, 0] = pos
         k_out, v_out, h_out = self._out_index
         for layer, layer_cache, feed in zip(self.layers, cache.layers, feeds, strict=True):
             feed["input"] = x
-            outs = layer.run(None, feed)
+            outs = layer.run(None, feed, shape_group=group.gid)
             layer_cache.write_row(pos, outs[k_out], outs[v_out])
             x = outs[h_out]
         cache.commit(pos, [token_id])
         return x
 
-    def _decode_feeds(self, cache: SequenceCache) -> list[dict[str, np.ndarray]]:
-        """Per-layer decode feeds bound to this cache's buffers, built once per cache."""
-        feeds = cache.decode_feeds
+    def _decode_feeds(self, cache: SequenceCache, group: DecodeGroup) -> list[dict[str, np.ndarray]]:
+        """Per-layer decode feeds of one group, bound to this cache's buffers."""
+        feeds = cache.decode_feeds.get(group.gid)
         if feeds is None:
-            indices = np.zeros((1, 1), dtype=np.uint32)  # shared by every layer
+            indices = np.zeros((1, 1), dtype=self.indices_dtype)  # shared by every layer
+            mask = cache.decode_mask_for(group.capacity)
             feeds = []
             for layer_cache in cache.layers:
-                k_all, v_all = layer_cache.full()
-                feeds.append(
-                    {"K_cache": k_all, "V_cache": v_all, "indices": indices, "mask": cache.decode_mask}
-                )
-            cache.decode_feeds = feeds
+                k_all, v_all = layer_cache.history(group.capacity)
+                feeds.append({"K_cache": k_all, "V_cache": v_all, "indices": indices, "mask": mask})
+            cache.decode_feeds[group.gid] = feeds
         return feeds
 
     def close(self) -> None:
@@ -209,3 +225,46 @@ class LayerStack:
         """Final norm and LM head: float32 logits over the vocabulary."""
         out = self.post.run(None, {self._post_input: hidden.astype(self.post_dtype, copy=False)})
         return np.asarray(out[0], dtype=np.float32).reshape(-1)
+
+
+def plan_layers(layers: list[Session], args: ModelArgs) -> GroupPlan:
+    """The groups every layer offers, checked against ``config.json``; refuses a bundle that differs."""
+    if count_groups(layers[0]) is None:
+        kv_len = args.kv_cache_len or DEFAULT_KV_CACHE_LEN
+        chunks = args.max_prefill_chunks or kv_len // args.prefill_chunk
+        plan = plan_dynamic(kv_len, args.prefill_chunk, chunks, args.kv_dim)
+        names = {t.name for t in layers[0].get_inputs(0)}
+        missing = [n for n in IN_NAMES if n not in names]
+        if missing:
+            raise BundleShapeError(f"{layers[0].path} has no inputs named {missing}")
+        return plan
+    reference: GroupPlan | None = None
+    for layer in layers:
+        plan = plan_static(layer.path, declared_groups(layer), args.hidden_size, args.kv_dim)
+        if reference is None:
+            reference = plan
+        else:
+            same_groups(layer.path, plan, reference, layers[0].path)
+    assert reference is not None
+    return reference
+
+
+def describe_bundle(bundle_dir: Path, backend: str = "auto") -> str:
+    """What a bundle's layers offer, each layer opened and closed in turn (for ``appliance check``)."""
+    args = ModelArgs.load(bundle_dir)
+    concrete = resolve_backend(bundle_dir, backend)
+    files = find_bundle_files(bundle_dir, args.num_hidden_layers, EXTENSIONS[concrete])
+    reference: GroupPlan | None = None
+    first = ""
+    for stem in files.layer_stems:
+        session = open_session(bundle_dir, stem, concrete, threads=1)
+        try:
+            plan = plan_layers([session], args)
+            if reference is None:
+                reference, first = plan, session.path
+            else:
+                same_groups(session.path, plan, reference, first)
+        finally:
+            session.close()
+    assert reference is not None
+    return f"{concrete}, {reference.describe()}"

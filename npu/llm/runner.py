@@ -30,7 +30,6 @@ from npu.llm.model_args import ModelArgs
 from npu.llm.params import GenerationParams, GenerationResponse, Usage
 from npu.llm.sampling import make_sampler
 from npu.llm.stops import StopMatcher
-from npu.runtime import resolve_backend
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +97,9 @@ class LLMRunner:
                 "create the demo one with 'appliance models demo'"
             )
         args = ModelArgs.load(bundle_dir)
-        concrete = resolve_backend(bundle_dir, backend)
         started = time.perf_counter()
-        stack = LayerStack.load(bundle_dir, args, concrete, device_id=device_id, threads=threads)
+        stack = LayerStack.load(bundle_dir, args, backend, device_id=device_id, threads=threads)
+        concrete = stack.backend
         embedding = EmbeddingTable(bundle_dir, args.vocab_size, args.hidden_size)
         tokenizer = Tokenizer.from_file(str(bundle_dir / "tokenizer.json"))
         template = ChatTemplate.from_bundle(bundle_dir)
@@ -109,9 +108,9 @@ class LLMRunner:
             json.loads(tokenizer_config.read_text(encoding="utf-8")).get("add_bos_token", False)
         )
         logger.info(
-            "loaded %s on %s (device %d) in %.1f s: %d layers, context %d, prompt limit %d",
+            "loaded %s on %s (device %d) in %.1f s: %d layers, %s",
             bundle_dir.name, concrete, device_id, time.perf_counter() - started,
-            args.num_hidden_layers, stack.kv_cache_len, stack.max_prompt_tokens,
+            args.num_hidden_layers, stack.plan.describe(),
         )
         return cls(bundle_dir, args, stack, embedding, tokenizer, template, concrete, cache_slots, add_bos)
 

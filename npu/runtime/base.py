@@ -18,6 +18,10 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for but cannot run on this host (library or device missing)."""
 
 
+class NpuUnavailableError(BackendUnavailableError):
+    """The NPU runtime is installed but no card answers (driver not loaded, card not seen)."""
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Name, shape and dtype of one model input or output.
@@ -36,6 +40,7 @@ class Session(Protocol):
 
     path: str
     backend: str
+    group_count: int | None  # shape groups the compiled model declares; None for dynamic shapes
 
     def get_inputs(self, shape_group: int = 0) -> list[TensorInfo]: ...
 

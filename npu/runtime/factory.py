@@ -1,17 +1,21 @@
 """Choose a backend for a model file and open it.
 
 ``auto`` picks the NPU where PyAXEngine imports and the bundle carries ``.axmodel`` files, and
-ONNX Runtime on the CPU otherwise, so one config runs unchanged on the Pi and on a laptop.
+ONNX Runtime on the CPU otherwise, so one config runs unchanged on the Pi and on a laptop. Whether a
+card answers is only known when PyAXEngine opens the first model; when it does not, ``auto``
+falls back to the bundle's ONNX files with one warning, and an explicit ``axengine`` fails with
+what to check.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from npu.runtime.axengine_backend import AxEngineSession, axengine_available
-from npu.runtime.base import BackendUnavailableError, Session
+from npu.runtime.base import BackendUnavailableError, NpuUnavailableError, Session
 from npu.runtime.onnx_backend import OnnxSession
 
 logger = logging.getLogger(__name__)
@@ -62,3 +66,40 @@ def open_session(
     if backend == "axengine":
         return AxEngineSession(path, device_id=device_id)
     return OnnxSession(path, threads=threads)
+
+
+def open_sessions(
+    bundle_dir: Path,
+    stems_for: Callable[[str], list[str]],
+    requested: str,
+    *,
+    device_id: int = 0,
+    threads: int | None = None,
+) -> tuple[str, list[Session]]:
+    """Open every model of a bundle on one backend; the backend chosen and the sessions.
+
+    ``stems_for(backend)`` names the files (relative to ``bundle_dir``, without extension), which
+    may differ between a bundle's ``.axmodel`` and ``.onnx`` sets.
+    """
+    backend = resolve_backend(bundle_dir, requested)
+    try:
+        return backend, _open_all(bundle_dir, stems_for(backend), backend, device_id, threads)
+    except NpuUnavailableError as exc:
+        if requested != "auto" or not any(bundle_dir.glob("*.onnx")):
+            raise
+        logger.warning("%s: %s; runtime auto runs it on the CPU (ONNX Runtime) instead", bundle_dir.name, exc)
+    return "onnx", _open_all(bundle_dir, stems_for("onnx"), "onnx", device_id, threads)
+
+
+def _open_all(
+    bundle_dir: Path, stems: list[str], backend: str, device_id: int, threads: int | None
+) -> list[Session]:
+    sessions: list[Session] = []
+    try:
+        for stem in stems:
+            sessions.append(open_session(bundle_dir, stem, backend, device_id=device_id, threads=threads))
+    except BaseException:
+        for session in sessions:
+            session.close()
+        raise
+    return sessions

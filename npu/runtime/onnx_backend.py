@@ -46,6 +46,7 @@ class OnnxSession:
     """``axengine.InferenceSession``-shaped wrapper over ``onnxruntime.InferenceSession``."""
 
     backend = "onnx"
+    group_count = None  # one graph with dynamic dimensions serves every shape group
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
         ort = _import_onnxruntime()
