@@ -1,8 +1,10 @@
 """Device monitors: axcl-smi parsers on the real formats and on garbage, the smi tool through a fake
-binary that prints those formats, the host monitor, the pyaxcl monitor's absence, the auto choice."""
+binary that prints those formats, the host monitor, the pyaxcl monitor over a simulated pyaxcl
+(``tests/fake_axcl.py``: device ids are bus numbers, resets are reboots), the auto choice."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_axcl import install, install_broken
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -138,53 +141,141 @@ def test_host_monitor_reads_the_hottest_zone_and_memory(tmp_path: Path) -> None:
     HostMonitor().reset(0)  # nothing to reset: a recovery on the CPU twin only reloads
 
 
-def test_axcl_monitor_without_pyaxcl_is_a_clear_error() -> None:
+def test_axcl_monitor_without_pyaxcl_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    install_broken(monkeypatch, tmp_path, "missing")
     with pytest.raises(DeviceUnavailableError) as err:
         import_axcl()
     assert "pyaxcl" in str(err.value) and "device.backend" in str(err.value)
 
 
-class FakeAxclRt:
-    def __init__(self, status: int = 0) -> None:
-        self.status = status
-        self.resets: list[int] = []
+@pytest.mark.parametrize("ids", [[1], [1, 3]])
+def test_axcl_monitor_speaks_device_ids_and_reports_card_indexes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture, ids: list[int],
+) -> None:
+    fake = install(monkeypatch, tmp_path, ids)
+    assert fake.rt.set_device(0) != 0 and fake.rt.get_device_utilization_rate(0)[3] != 0, \
+        "the fake refuses a card index where a device id is due, as the runtime does"
+    fake.calls.clear()
+    caplog.set_level(logging.INFO, logger="npu.device.axcl")
+    monitor = AxclMonitor(SmiMonitor(FAKE))
+    assert monitor.ids == tuple(ids) and "card 0 = device id 1 (0x1)" in caplog.text
+    for index in range(len(ids)):
+        reading = monitor.read(index)
+        assert reading.alive and reading.source == "axcl" and reading.device_id == index, reading
+        assert reading.npu_load_pct == 63 and reading.cpu_load_pct == 7, "load from pyaxcl"
+        assert reading.temperature_c == 52 and reading.cmm_total_mib == 7040, "heat and CMM from axcl-smi"
+    assert fake.called("get_device_utilization_rate") == ids
+    assert sorted(set(fake.called("set_device"))) == ids, "set_device gets the bus id, never the index"
+    beyond = monitor.read(len(ids))
+    assert not beyond.alive and f"card {len(ids)} is not on pyaxcl's device list" in (beyond.error or "")
+    assert str(ids) in (beyond.error or "")
+    with pytest.raises(DeviceResetError, match="not on pyaxcl's device list"):
+        monitor.reset(len(ids))
+    fake.store.set(0, state="dead")
+    dead = monitor.read(0)
+    assert not dead.alive and "device id 1" in (dead.error or "") and "0x80300181" in (dead.error or "")
 
-    def set_device(self, device_id: int) -> int:
-        return self.status
 
-    def reset_device(self, device_id: int) -> int:
-        self.resets.append(device_id)
-        return self.status
+def test_axcl_reset_reboots_with_axcl_smi_and_waits_for_the_runtime(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    fake = install(monkeypatch, tmp_path, [1, 3], reboot_seconds=0.4)
+    monitor = AxclMonitor(SmiMonitor(FAKE), poll=0.05)
+    monitor.read(0)
+    fake.store.set(1, state="hung")
+    started = time.monotonic()
+    monitor.reset(1)
+    assert time.monotonic() - started >= 0.4, "waited until the card is back on the device list"
+    assert fake.store.smi_calls() == [{"args": ["reboot", "-d", "1"], "answer": "y"}], "a card index"
+    assert fake.called("reset_device") == [], "axclrtResetDevice reboots nothing and is never used"
+    assert fake.store.card(1)["state"] == "ok" and fake.store.card(1)["boots"] == 1
+    assert fake.called("get_device_utilization_rate")[-1] == 3
+    # While card 0 reboots it is off the list ([3]), and card 1 is still device id 3: the map is not
+    # re-read, or card 0 would read card 1's values and card 1 would be missing.
+    fake.store.set(0, state="rebooting", back_at=time.time() + 5)
+    assert fake.store.listed_ids() == [3]
+    during = [monitor.read(0), monitor.read(1)]
+    assert not during[0].alive and "device id 1" in (during[0].error or "") and during[1].alive
+    assert fake.called("get_device_utilization_rate")[-1] == 3
 
-    def get_device_count(self) -> tuple[int, int]:
-        return 1, 0
 
-    def get_device_utilization_rate(self, device_id: int) -> tuple[int, int, int, int]:
-        return 7, 63, 20, self.status
-
-
-class FakeAxcl:
-    def __init__(self, status: int = 0) -> None:
-        self.rt = FakeAxclRt(status)
-
-    def finalize(self) -> int:
-        return 0
-
-
-def test_axcl_monitor_combines_runtime_load_with_smi_readings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FAKE_SMI_MODE", "ok")
-    monitor = AxclMonitor(SmiMonitor(FAKE), axcl=FakeAxcl())  # type: ignore[arg-type]
-    reading = monitor.read(0)
-    assert reading.source == "axcl" and reading.npu_load_pct == 63 and reading.temperature_c == 52.0
+def test_axcl_reset_fails_clearly_without_axcl_smi_or_when_the_card_stays_dead(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    fake = install(monkeypatch, tmp_path, [1], reboot_seconds=0.1)
+    with pytest.raises(DeviceResetError, match="axcl-smi was not found") as err:
+        AxclMonitor(None).reset(0)
+    assert "reboot -d 0" in str(err.value)
+    fake.store.set(0, heals=False, state="dead")
+    monitor = AxclMonitor(SmiMonitor(FAKE), poll=0.05, reset_timeout=1.0)
+    with pytest.raises(DeviceResetError, match="did not succeed"):
+        monitor.reset(0)  # the fake tool says the reboot failed
+    fake.store.set(0, heals=True)
     monitor.reset(0)
-    assert monitor.axcl.rt.resets == [0]
-    broken = AxclMonitor(None, axcl=FakeAxcl(status=0x80300181))  # type: ignore[arg-type]
-    assert not broken.read(0).alive and "0x80300181" in (broken.read(0).error or "")
-    with pytest.raises(DeviceResetError, match="0x80300181"):
-        broken.reset(0)
+    assert fake.called("reset_device") == []
 
 
-def test_auto_picks_smi_where_the_tool_exists_else_the_host() -> None:
+def test_axcl_reset_gives_up_when_the_card_does_not_come_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    fake = install(monkeypatch, tmp_path, [1], reboot_seconds=30)
+    monitor = AxclMonitor(SmiMonitor(FAKE), poll=0.05, reset_timeout=0.5)
+    with pytest.raises(DeviceResetError, match=r"card 0 \(device id 1\) did not answer within 0.5 s"):
+        monitor.reset(0)
+    assert fake.called("reset_device") == []
+
+
+BROKEN = {
+    "missing": "pyaxcl cannot be imported",
+    "no_libs": "cannot open shared object file",
+    "32bit": "SystemExit",
+}
+
+
+@pytest.mark.parametrize("how", [*BROKEN, "init_fails", "no_card"])
+def test_auto_falls_back_with_one_warning_and_a_forced_axcl_says_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str,
+) -> None:
+    fake = None
+    if how in BROKEN:
+        install_broken(monkeypatch, tmp_path, how)
+        why = BROKEN[how]
+    elif how == "init_fails":
+        fake = install(monkeypatch, tmp_path, [1], init_status=0x80300181)
+        why = "axcl.init(None) failed with status 0x80300181"
+    else:
+        fake = install(monkeypatch, tmp_path, [])
+        why = "get_device_list() lists no card"
+    caplog.set_level(logging.INFO)
+    assert factory.make_monitor("auto", smi_path=FAKE).name == "smi"
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and why in warnings[0].getMessage(), [r.getMessage() for r in warnings]
+    assert "using " + FAKE in warnings[0].getMessage()
+    caplog.clear()
+    assert factory.make_monitor("auto", smi_path="/nonexistent/axcl-smi").name == "host"
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "host monitor" in warnings[0].getMessage()
+    with pytest.raises(DeviceUnavailableError) as err:
+        factory.make_monitor("axcl", smi_path=FAKE)
+    message = str(err.value)
+    assert message.startswith("device.backend is axcl, but") and why in message
+    assert "axcl-smi" in message or "pyaxcl wheel" in message, "says how to fix it"
+    if fake is not None:
+        assert not fake.initialised, "a runtime initialised for nothing is finalised again"
+
+
+def test_auto_picks_pyaxcl_when_it_sees_a_card(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    install(monkeypatch, tmp_path, [1])
+    monitor = factory.make_monitor("auto", smi_path=FAKE)
+    assert monitor.name == "axcl" and monitor.read(0).alive
+
+
+def test_auto_picks_smi_where_the_tool_exists_else_the_host(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    install_broken(monkeypatch, tmp_path, "missing")
     assert factory.make_monitor("auto", smi_path="/nonexistent/axcl-smi").name == "host"
     assert factory.make_monitor("auto", smi_path=FAKE).name == "smi"
     with pytest.raises(DeviceUnavailableError):

@@ -1,4 +1,9 @@
-"""Which device monitor to use: ``auto`` picks pyaxcl, then ``axcl-smi``, then the host."""
+"""Which device monitor to use: ``auto`` picks pyaxcl, then ``axcl-smi``, then the host.
+
+``auto`` falls back when pyaxcl cannot be imported, when ``axcl.init`` fails, or when the runtime
+lists no card, and says so in one warning line. A forced ``axcl`` fails instead, with the check
+that failed and how to fix it.
+"""
 
 from __future__ import annotations
 
@@ -24,26 +29,25 @@ def make_monitor(backend: Backend, *, smi_path: str = "axcl-smi") -> DeviceMonit
 
     The simulated card is built by the appliance from its config (``npu.device.sim``).
     """
+    if backend not in ("auto", "axcl", "smi", "host"):
+        raise ValueError(f"unknown device backend {backend!r}")
     smi = SmiMonitor(smi_path) if smi_available(smi_path) else None
     if backend in ("auto", "axcl"):
-        try:
-            from npu.device.axcl import AxclMonitor
+        from npu.device.axcl import AxclMonitor
 
-            monitor = AxclMonitor(smi)
-            if monitor.device_count() > 0:
-                return monitor
-            if backend == "axcl":
-                raise DeviceUnavailableError("pyaxcl sees no NPU card")
-            monitor.close()
+        try:
+            return AxclMonitor(smi)
         except DeviceUnavailableError as exc:
             if backend == "axcl":
-                raise
-            logger.debug("no pyaxcl monitor: %s", exc)
-    if backend in ("auto", "smi"):
-        if smi is not None:
-            return smi
-        if backend == "smi":
+                raise DeviceUnavailableError(f"device.backend is axcl, but {exc}") from exc
+            if smi is not None:
+                logger.warning("device monitor: pyaxcl not used (%s); using %s", exc, smi_path)
+                return smi
+            logger.warning("device monitor: pyaxcl not used (%s), and %s was not found; using the host "
+                           "monitor (no NPU readings)", exc, smi_path)
+            return HostMonitor()
+    if backend == "smi":
+        if smi is None:
             raise DeviceUnavailableError(f"{smi_path} was not found; set device.smi_path")
-    if backend not in ("auto", "host"):
-        raise ValueError(f"unknown device backend {backend!r}")
+        return smi
     return HostMonitor()

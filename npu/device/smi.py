@@ -28,8 +28,9 @@ class SmiMonitor:
     name = "smi"
 
     def __init__(self, path: str = "axcl-smi", timeout: float = 5.0, runner: Runner = subprocess.run,
-                 reset_timeout: float = 60.0) -> None:
+                 reset_timeout: float = 60.0, poll: float = 1.0) -> None:
         self.path = path
+        self.poll = poll  # seconds between looks at a rebooting card
         self.timeout = timeout
         self.runner = runner
         self.reset_timeout = reset_timeout
@@ -77,8 +78,12 @@ class SmiMonitor:
         self._warned.discard("parse")
         return reading
 
-    def reset(self, device_id: int) -> None:
-        """``axcl-smi reboot -d N``, answering its y/n question, then wait for the card to answer."""
+    def reboot(self, device_id: int) -> None:
+        """``axcl-smi reboot -d N`` (N is the card index), answering its y/n question with ``y``.
+
+        Returns once the tool says ``success``; the card is then still booting. Raises
+        ``DeviceResetError`` when the tool cannot run, times out, or does not say success.
+        """
         try:
             text = self._run(["reboot", "-d", str(device_id)], stdin="y\n", timeout=self.reset_timeout)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -86,12 +91,17 @@ class SmiMonitor:
         if "success" not in text:
             said = text.strip()[:200]
             raise DeviceResetError(f"{self.path} reboot -d {device_id} did not succeed: {said!r}")
+        logger.warning("card %d: rebooted with %s reboot -d %d", device_id, self.path, device_id)
+
+    def reset(self, device_id: int) -> None:
+        """Reboot the card, then wait until ``axcl-smi`` lists it again with a temperature."""
+        self.reboot(device_id)
         deadline = time.monotonic() + self.reset_timeout
         while time.monotonic() < deadline:
             reading = self.read(device_id)
             if reading.alive and reading.temperature_c is not None:
                 return
-            time.sleep(1.0)
+            time.sleep(self.poll)
         limit = self.reset_timeout
         raise DeviceResetError(f"card {device_id} did not answer within {limit:g} s of its reboot")
 
