@@ -217,8 +217,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             state = "ok"
         flags = "".join([", default" if model.default else "", "" if model.preload else ", not preloaded"])
         print(f"model      {model.id} ({model.kind}, runtime {model.runtime}{flags}): {path}: {state}")
+        if state == "ok" and model.kind == "chat":
+            groups, fine = bundle_groups(path, model.runtime)
+            ok = ok and fine
+            print(f"           {groups}")
     if not ok:
-        print("some models are missing; 'appliance models demo' creates the demo one", file=sys.stderr)
+        print("some models are missing or cannot run; 'appliance models demo' creates the demo one",
+              file=sys.stderr)
         return 1
     return 0 if check_cmm(config) else 1
 
@@ -237,6 +242,20 @@ def bundle_problem(path: Path, kind: str) -> str | None:
     if not (path / "config.json").is_file():
         return "NOT A BUNDLE (no config.json)"
     return None
+
+
+def bundle_groups(path: Path, runtime: str) -> tuple[str, bool]:
+    """What a chat bundle's layers declare, read by opening each in turn; False if it cannot run."""
+    from npu.llm.layer_stack import describe_bundle
+    from npu.llm.shape_groups import BundleShapeError
+    from npu.runtime import BackendUnavailableError
+
+    try:
+        return f"groups: {describe_bundle(path, runtime)}", True
+    except BackendUnavailableError as exc:  # an NPU bundle on a host without the card
+        return f"groups not read here ({_one_line(str(exc))}); the runner reads them when it loads", True
+    except (BundleShapeError, OSError, ValueError, RuntimeError) as exc:
+        return f"CANNOT RUN: {_one_line(str(exc))}", False
 
 
 def check_cmm(config: ApplianceConfig) -> bool:

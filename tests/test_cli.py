@@ -33,8 +33,11 @@ def write_config(tmp_path: Path, data: dict[str, Any]) -> Path:
 
 
 def fake_bundle(folder: Path) -> Path:
+    """An NPU bundle's files (their contents are not read on a host without the card)."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 1}), encoding="utf-8")
+    for name in ("llama_p128_l0_together.axmodel", "llama_post.axmodel"):
+        (folder / name).write_bytes(b"")
     return folder
 
 
@@ -134,7 +137,7 @@ def test_check_refuses_models_that_do_not_fit_the_cards_cmm(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bundle = fake_bundle(tmp_path / "models" / "big")
-    (bundle / "weights.bin").write_bytes(b"\0" * (3 * 2**20))  # 3 MiB of "weights"
+    (bundle / "llama_p128_l0_together.axmodel").write_bytes(b"\0" * (3 * 2**20))  # 3 MiB of "weights"
     models = [{"id": "big", "path": "models/big"}]
     small_card = {"backend": "sim", "sim": {"cmm_total_mib": 514, "cmm_used_mib": 0}}
     path = write_config(tmp_path, {"device": small_card, "models": models})

@@ -164,13 +164,12 @@ def test_npu_path_through_fake_axengine(
     demo_bundle_fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_runner: LLMRunner
 ) -> None:
     record = fake_axengine.Record()
-    monkeypatch.setitem(sys.modules, "axengine", fake_axengine.make_module(record))
+    card = fake_axengine.Card(ids=[1, 3])  # two cards: index 1 is the one on bus 3
+    monkeypatch.setitem(sys.modules, "axengine", fake_axengine.make_module(record, card=card))
     npu_bundle = fake_axengine.make_npu_bundle(demo_bundle_fp32, tmp_path / "npu")
-    for leftover in npu_bundle.glob("*.npy"):
-        leftover.unlink()  # an NPU bundle carries the bf16 table only
     runner = LLMRunner.load(npu_bundle, backend="auto", device_id=1)
     assert runner.backend == "axengine"
-    assert {s["device_id"] for s in record.sessions} == {1}
+    assert {(s["device_index"], s["device_id"]) for s in record.sessions} == {(1, 3)}
     assert all(s["kwargs"] == {} for s in record.sessions), "the device goes in provider_options only"
     prompt = runner.encode_chat(PROMPTS[2])
     out = runner.generate(prompt, GenerationParams(max_tokens=8, temperature=0.0))

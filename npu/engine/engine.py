@@ -430,7 +430,9 @@ class Engine:
         return True
 
     def restart(self, reason: str = "restart requested") -> list[int]:
-        """Reset every device and reload its models, as the recovery does (the ``restart`` op)."""
+        """The ``restart`` op: every device goes through the recovery (``npu.engine.recovery``):
+        running jobs are taken over, the card is rebooted, its sessions are closed, then the models
+        are loaded again."""
         return [w.device_id for w in list(self.workers) if self.start_recovery(w, reason)]
 
     def requeue_after_fault(self, jobs: list[WorkerJob]) -> None:

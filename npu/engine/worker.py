@@ -268,25 +268,10 @@ class DeviceWorker(threading.Thread):
             if self.monitor is not None:
                 self.monitor.before_step(self.device_id)
             resp = next(job.stream)
-        except DeviceFault as exc:
-            self.step_started = None
-            if not self.abandoned:
-                logger.error("device %d: %s", self.device_id, exc)
-                self.abandoned = True  # this thread steps nothing more; the recovery takes over
-                self.engine.device_fault(self, str(exc))
-            return
-        except EngineError as exc:
-            self._fail(job, exc)
-            return
-        except ImageRequestError as exc:
-            self._fail(job, EngineError(ErrorCode.BAD_REQUEST, str(exc)))
-            return
-        except StopIteration:
-            self._fail(job, EngineError(ErrorCode.INTERNAL, "generation ended without a result"))
-            return
         except Exception as exc:
-            logger.exception("device %d: job %s failed", self.device_id, handle.id)
-            self._fail(job, EngineError(ErrorCode.INTERNAL, f"generation failed: {exc}"))
+            self.step_started = None  # a failed step is over: the watchdog must not count it as hung
+            if not self.abandoned:  # else the recovery owns the job (and closed the sessions under it)
+                self._step_failed(job, exc)
             return
         self.step_started = None
         if self.abandoned:
@@ -325,6 +310,21 @@ class DeviceWorker(threading.Thread):
             self._remove(job)
             self.engine.record_duration(now - job.started)
             self._finish(job, Done(result))
+
+    def _step_failed(self, job: WorkerJob, exc: Exception) -> None:
+        if isinstance(exc, DeviceFault):
+            logger.error("device %d: %s", self.device_id, exc)
+            self.abandoned = True  # this thread steps nothing more; the recovery takes over
+            self.engine.device_fault(self, str(exc))
+        elif isinstance(exc, EngineError):
+            self._fail(job, exc)
+        elif isinstance(exc, ImageRequestError):
+            self._fail(job, EngineError(ErrorCode.BAD_REQUEST, str(exc)))
+        elif isinstance(exc, StopIteration):
+            self._fail(job, EngineError(ErrorCode.INTERNAL, "generation ended without a result"))
+        else:
+            logger.error("device %d: job %s failed", self.device_id, job.handle.id, exc_info=exc)
+            self._fail(job, EngineError(ErrorCode.INTERNAL, f"generation failed: {exc}"))
 
     def _warn_slow_step(self, elapsed: float) -> None:
         if elapsed > self.engine.config.step_timeout:
