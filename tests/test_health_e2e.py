@@ -1,4 +1,5 @@
-"""Health, telemetry and recovery end to end: the sim card, a real Mosquitto, real subscribers."""
+"""Health, telemetry and recovery end to end: the sim card (and a simulated pyaxcl card), a real
+Mosquitto, real subscribers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fake_axcl import SMI, install
 from mqtt_client import Client, write_config
 
 from appliance.app import Appliance
@@ -152,3 +154,43 @@ def test_thermal_transitions_are_events_and_pause_holds_jobs(  # type: ignore[no
         assert events[0]["temperature_c"] == 86 and events[0]["device"] == 0
     finally:
         c.close()
+
+
+def test_health_through_pyaxcl_speaks_bus_ids_and_never_declares_a_healthy_card_dead(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mqtt_broker, mqtt_base_topic: str, demo_bundle_fp32: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Card index 0 is device id 1 to pyaxcl (a Pi 5 with one card): health reads it, no recovery."""
+    base = mqtt_base_topic
+    fake = install(monkeypatch, tmp_path, [1])
+    path = write_config(tmp_path, mqtt_broker.port, base, demo_bundle_fp32,
+                        device={"backend": "axcl", "smi_path": SMI, "health_interval": 0.2},
+                        telemetry={"interval": 1})
+    app = Appliance(load_config(path, env={}))
+    c = Client(mqtt_broker.port)
+    try:
+        c.subscribe(f"{base}/event", f"{base}/telemetry")
+        app.start()
+        assert app.monitor.name == "axcl"
+        assert app.engine.workers[0].loaded.wait(60)
+        c.wait(lambda: any(m["state"] == "idle" for m in c.json(f"{base}/telemetry")), timeout=30)
+        deadline = time.monotonic() + 1.5  # several health checks
+        while len(fake.called("get_device_utilization_rate")) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        events = [m["event"] for m in c.json(f"{base}/event")]
+        assert not {"device_dead", "recovery_started", "device_reset"} & set(events), events
+        reading = app.engine.readings[0]
+        assert reading.alive and reading.source == "axcl" and reading.error is None, reading
+        assert reading.npu_load_pct == 63 and reading.cpu_load_pct == 7, "load from pyaxcl"
+        assert reading.temperature_c == 52 and reading.cmm_total_mib == 7040, "heat and CMM from axcl-smi"
+        body = next(m for m in c.json(f"{base}/telemetry") if m["state"] == "idle")
+        assert body["devices"][0]["source"] == "axcl" and body["devices"][0]["alive"] is True
+        assert len(fake.called("get_device_utilization_rate")) >= 5
+        assert set(fake.called("get_device_utilization_rate")) == {1}, "the bus id, never the index 0"
+        assert set(fake.called("set_device")) == {1}
+        assert fake.called("reset_device") == [] and app.engine.state().state == "idle"
+    finally:
+        c.close()
+        app.stop()
+    assert not fake.initialised, "the monitor finalises pyaxcl on stop"
