@@ -108,7 +108,17 @@ class Record:
     runs: list[tuple[str, int]] = field(default_factory=list)
     h2d_bytes: int = 0
     d2h_bytes: int = 0
+    d2d_bytes: int = 0
+    calls: dict[str, int] = field(default_factory=dict)  # by kind: h2d, d2h, d2d, execute, other
     prints: list[str] = field(default_factory=list)
+
+    def count(self, kind: str, nbytes: int = 0) -> None:
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+        if kind in ("h2d", "d2h", "d2d"):
+            setattr(self, f"{kind}_bytes", getattr(self, f"{kind}_bytes") + nbytes)
+
+    def snapshot(self) -> dict[str, int]:
+        return {"h2d": self.h2d_bytes, "d2h": self.d2h_bytes, "d2d": self.d2d_bytes, **self.calls}
 
 
 @dataclass
@@ -188,14 +198,42 @@ def make_npu_bundle(onnx_bundle: Path, dest: Path, layout: Layout | None = None)
             continue
         model = onnx.load(str(item))
         if item.stem.endswith("_post"):
-            dt = layout.dtype
-            groups = [{"inputs": [["input", dt, [1, 1, hidden]]],
-                       "outputs": [["output", "float32", [1, 1, cfg["vocab_size"]]]]}]
+            groups = post_groups(layout, hidden, cfg["vocab_size"])
         else:
             groups = layout.groups(hidden, kv_dim)
         entry = model.metadata_props.add()
         entry.key, entry.value = GROUPS_KEY, json.dumps(groups)
         onnx.save(model, str(dest / f"{item.stem}.axmodel"))
+    return dest
+
+
+def post_groups(layout: Layout, hidden: int, vocab: int) -> list[dict[str, list[list[Any]]]]:
+    """The post model: the last hidden state in, logits out, in the layout's dtype (ax-llm reads
+    them as bf16: ``unsigned short *post_out`` in ``src/runner/LLM_decode.cpp``)."""
+    dt = layout.dtype
+    return [{"inputs": [["input", dt, [1, 1, hidden]]], "outputs": [["output", dt, [1, 1, vocab]]]}]
+
+
+def make_shape_bundle(dest: Path, config: dict[str, Any], layout: Layout, prefix: str = "qwen2") -> Path:
+    """A bundle with a large model's declared shapes and no weights (its numbers are zeros).
+
+    Enough to drive the layer stack and count the bytes each path moves over the bus, for models
+    too large to convert here (``config`` is a Hugging Face ``config.json``).
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "config.json").write_text(json.dumps(config))
+    hidden = config["hidden_size"]
+    kv_dim = config.get("head_dim", hidden // config["num_attention_heads"]) * config["num_key_value_heads"]
+
+    def write(name: str, groups: list[dict[str, list[list[Any]]]]) -> None:
+        model = onnx.helper.make_model(onnx.helper.make_graph([], name, [], []))
+        entry = model.metadata_props.add()
+        entry.key, entry.value = GROUPS_KEY, json.dumps(groups)
+        onnx.save(model, str(dest / f"{name}.axmodel"))
+
+    for i in range(config["num_hidden_layers"]):
+        write(f"{prefix}_p{layout.chunk}_l{i}_together", layout.groups(hidden, kv_dim))
+    write(f"{prefix}_post", post_groups(layout, hidden, config["vocab_size"]))
     return dest
 
 
@@ -209,6 +247,53 @@ def _declared(path: Path) -> list[tuple[list[NodeArg], list[NodeArg]]]:
          [NodeArg(n, DTYPES[d], list(s)) for n, d, s in g["outputs"]])
         for g in json.loads(meta[GROUPS_KEY])
     ]
+
+
+class SimModel:
+    """A compiled model's declared groups and its numbers (ONNX Runtime on the graph in the file).
+
+    A file whose graph has no outputs stands for a model whose shapes matter and whose numbers do
+    not (benchmarks of bus traffic on large models' shapes): it returns zeros of the declared
+    shapes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        groups = _declared(path)
+        self.name = path.name
+        self.inputs = [g[0] for g in groups]
+        self.outputs = [g[1] for g in groups]
+        graph = onnx.load(str(path), load_external_data=False).graph
+        self._ort: ort.InferenceSession | None = None
+        if graph.output:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            opts.log_severity_level = 3
+            self._ort = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.nbytes = path.stat().st_size
+
+    def io_bytes(self) -> int:
+        """Device buffers sized for the largest group, one per input and output (as PyAXEngine)."""
+        return sum(
+            max(math.prod(n.shape) * n.dtype.itemsize for n in (grp[i] for grp in side))
+            for side in (self.inputs, self.outputs) for i in range(len(side[0]))
+        )
+
+    def compute(self, group: int, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outs = self.outputs[group]
+        if self._ort is None:
+            return [np.zeros(o.shape, o.dtype) for o in outs]
+        results = self._ort.run(None, self._graph_feeds(feed, group))
+        return [r.astype(o.dtype) for r, o in zip(results, outs, strict=True)]
+
+    def _graph_feeds(self, feed: dict[str, np.ndarray], group: int) -> dict[str, np.ndarray]:
+        names = {i.name for i in self.inputs[group]}
+        feeds = {k: v.astype(np.float32) if v.dtype == BF16 else v for k, v in feed.items() if k in names}
+        if "mask" in feeds and "indices" in feeds and feeds["indices"].size > 1:
+            tokens = feeds["indices"].shape[-1]
+            if feeds["mask"].shape[-1] == tokens:  # no history: the placeholder is not read
+                kv = self.outputs[group][0].shape[-1]
+                feeds["K_cache"] = feeds["V_cache"] = np.zeros((1, 1, kv), np.float32)
+        return feeds
 
 
 def make_module(
@@ -246,21 +331,13 @@ def make_module(
             path = Path(path_or_bytes)
             if not path.is_file():
                 raise RuntimeError("axclrtEngineLoadFromFile failed.")
-            groups = _declared(path)
+            self._model = SimModel(path)
             say("[INFO] Compiler version: 4.2 fake")
             self.name = path.name
-            self._shape_count = len(groups)
-            self._inputs = [g[0] for g in groups]
-            self._outputs = [g[1] for g in groups]
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = 1
-            opts.log_severity_level = 3
-            self._ort = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            io = sum(
-                max(math.prod(n.shape) * n.dtype.itemsize for n in (grp[side][i] for grp in groups))
-                for side in (0, 1) for i in range(len(groups[0][side]))
-            )
-            self._cmm = path.stat().st_size + io
+            self._shape_count = len(self._model.inputs)
+            self._inputs = self._model.inputs
+            self._outputs = self._model.outputs
+            self._cmm = self._model.nbytes + self._model.io_bytes()
             card.cmm_used += self._cmm
             self._loaded = True
             record.sessions.append({"path": str(path), "device_index": self._device_index,
@@ -308,7 +385,7 @@ def make_module(
                             f"model inputs({key}) expect shape {one.shape} and dtype {one.dtype}, "
                             f"howerver gets input with shape {npy.shape} and dtype {npy.dtype}"
                         )
-                        record.h2d_bytes += npy.nbytes
+                        record.count("h2d", npy.nbytes)
             if not self._loaded:
                 raise RuntimeError("axclrtEngineExecute failed 0x80300101")
             ret = card.execute()
@@ -316,21 +393,12 @@ def make_module(
             if ret != 0:
                 raise RuntimeError(f"axclrtEngineExecute failed 0x{ret:08x}")
             record.runs.append((self.name, shape_group))
-            results = self._ort.run(None, self._graph_feeds(input_feed, shape_group))
-            outs = self.get_outputs(shape_group)
-            out = [results[i].astype(outs[i].dtype) for i in range(len(outs)) if i in outputs_order]
-            record.d2h_bytes += sum(o.nbytes for o in out)
+            record.count("execute")
+            results = self._model.compute(shape_group, input_feed)
+            out = [r for i, r in enumerate(results) if i in outputs_order]
+            for array in out:
+                record.count("d2h", array.nbytes)
             return out
-
-        def _graph_feeds(self, feed: dict[str, np.ndarray], group: int) -> dict[str, np.ndarray]:
-            names = {i.name for i in self.get_inputs(group)}
-            feeds = {k: v.astype(np.float32) if v.dtype == BF16 else v for k, v in feed.items() if k in names}
-            if "mask" in feeds and "indices" in feeds and feeds["indices"].size > 1:
-                tokens = feeds["indices"].shape[-1]
-                if feeds["mask"].shape[-1] == tokens:  # no history: the placeholder is not read
-                    kv = self._outputs[group][0].shape[-1]
-                    feeds["K_cache"] = feeds["V_cache"] = np.zeros((1, 1, kv), np.float32)
-            return feeds
 
     class InferenceSession:
         def __init__(self, path_or_bytes: Any, sess_options: Any = None,
