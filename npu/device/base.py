@@ -56,7 +56,10 @@ class DeviceMonitor(Protocol):
         ...
 
     def reset(self, device_id: int) -> None:
-        """Reset the device and wait until it answers again; raises ``DeviceResetError``."""
+        """Reboot card ``device_id`` (an index) and wait until it answers again; raises
+        ``DeviceResetError``. On a real card this is ``axcl-smi reboot``, never pyaxcl's
+        ``reset_device``, which only releases this process's context. The recovery closes the
+        card's sessions after this returns and before it loads the models again."""
         ...
 
     def before_step(self, device_id: int) -> None:

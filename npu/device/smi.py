@@ -1,5 +1,8 @@
 """The ``axcl-smi`` monitor: readings from the summary table, resets with ``axcl-smi reboot``.
 
+``-d N`` and the table's ``Card`` column are card indexes (SDK V2.26 on), the numbering the whole
+appliance uses; ``info`` commands print the card's device id (its PCIe bus number) first.
+
 The tool refuses to run twice at once, so calls are serialised behind one lock and retried when
 it says it is already running. Every call has a timeout. Failures give a reading with ``error``
 set (warned about once per kind of failure, not every few seconds forever), never an exception.
