@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (1: off)")
     chat.add_argument("--top-k", type=int, default=0, metavar="K", help="top-k sampling (0: off)")
     chat.add_argument("--seed", type=int, default=None, metavar="N", help="reproducible sampling")
-    chat.add_argument("--backend", default="auto", choices=["auto", "onnx", "axengine"])
+    chat.add_argument("--backend", default="auto", choices=["auto", "axcl", "axengine", "onnx"])
     chat.add_argument("--device-id", type=int, default=0, metavar="N", help="NPU device (default 0)")
     chat.add_argument("prompt", metavar="PROMPT")
     chat.set_defaults(func=cmd_chat)

@@ -264,8 +264,10 @@ class ModelConfig(BaseConfig):
     path: str = Field(
         ..., min_length=1, description="Bundle folder; a relative one is relative to the config file's folder"
     )
-    runtime: Literal["auto", "axengine", "onnx"] = Field(
-        "auto", description="Session backend: axengine (NPU), onnx (CPU), auto (NPU when possible)"
+    runtime: Literal["auto", "axcl", "axengine", "onnx"] = Field(
+        "auto",
+        description="Session backend: axcl (the card through pyaxcl, device-resident KV cache), axengine "
+        "(the card through PyAXEngine), onnx (CPU), auto (the first of these that works here)",
     )
     preload: bool = Field(True, description="Load at start and keep resident")
     default: bool = Field(False, description="The model of its kind used when a request names none")

@@ -118,7 +118,8 @@ class Record:
             setattr(self, f"{kind}_bytes", getattr(self, f"{kind}_bytes") + nbytes)
 
     def snapshot(self) -> dict[str, int]:
-        return {"h2d": self.h2d_bytes, "d2h": self.d2h_bytes, "d2d": self.d2d_bytes, **self.calls}
+        return {"h2d_bytes": self.h2d_bytes, "d2h_bytes": self.d2h_bytes, "d2d_bytes": self.d2d_bytes,
+                **self.calls}
 
 
 @dataclass

@@ -40,6 +40,7 @@ from npu.engine.api import (
     JobHandle,
     Progress,
 )
+from npu.llm.kv_cache import CacheMemoryError
 from npu.llm.params import GenerationResponse
 from npu.llm.runner import LLMRunner
 from npu.runtime.memory import release_freed_memory
@@ -318,6 +319,8 @@ class DeviceWorker(threading.Thread):
             self.engine.device_fault(self, str(exc))
         elif isinstance(exc, EngineError):
             self._fail(job, exc)
+        elif isinstance(exc, CacheMemoryError):  # the card cannot hold one more conversation now
+            self._fail(job, EngineError(ErrorCode.BUSY, str(exc)))
         elif isinstance(exc, ImageRequestError):
             self._fail(job, EngineError(ErrorCode.BAD_REQUEST, str(exc)))
         elif isinstance(exc, StopIteration):

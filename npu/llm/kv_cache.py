@@ -19,6 +19,10 @@ import numpy as np
 MASKED = -65536.0
 
 
+class CacheMemoryError(RuntimeError):
+    """A conversation's KV cache does not fit the device's memory; the message says how much."""
+
+
 class LayerCache(Protocol):
     capacity: int
 

@@ -112,9 +112,14 @@ class LayerStack:
             files = find_bundle_files(bundle_dir, args.num_hidden_layers, EXTENSIONS[concrete])
             return [*files.layer_stems, files.post_stem]
 
-        _, sessions = open_sessions(bundle_dir, stems, backend, device_id=device_id, threads=threads)
+        concrete, sessions = open_sessions(bundle_dir, stems, backend, device_id=device_id, threads=threads)
         try:
-            return cls(sessions[:-1], sessions[-1], args, plan_layers(sessions[:-1], args))
+            plan = plan_layers(sessions[:-1], args)
+            if concrete == "axcl":  # the card through pyaxcl: caches and hidden states stay on it
+                from npu.llm.resident_stack import ResidentLayerStack
+
+                return ResidentLayerStack(sessions[:-1], sessions[-1], args, plan)  # type: ignore[arg-type,return-value]
+            return cls(sessions[:-1], sessions[-1], args, plan)
         except BaseException:
             for session in sessions:
                 session.close()
@@ -215,6 +220,9 @@ class LayerStack:
                 feeds.append({"K_cache": k_all, "V_cache": v_all, "indices": indices, "mask": mask})
             cache.decode_feeds[group.gid] = feeds
         return feeds
+
+    def free_cache(self, cache: SequenceCache) -> None:
+        """Host caches are ordinary arrays: nothing to free on a device."""
 
     def close(self) -> None:
         """Unload every layer and the post model (before a reload or after a card reboot)."""
