@@ -391,7 +391,8 @@ def make_axcl(card: SimCard | None = None, record: Record | None = None) -> type
 
     for fn in (get_device_list, set_device, create_context, destroy_context, set_current_context, malloc,
                free, memset, memcpy, engine_init, engine_finalize, engine_load_from_file, engine_unload,
-               engine_create_context, engine_get_io_info, engine_destroy_io_info, engine_get_shape_groups_count,
+               engine_create_context, engine_get_io_info, engine_destroy_io_info,
+               engine_get_shape_groups_count,
                engine_create_io, engine_destroy_io, engine_execute):
         setattr(rt, fn.__name__, fn)
     rt.engine_get_num_inputs, rt.engine_get_num_outputs = num(False), num(True)  # type: ignore[attr-defined]

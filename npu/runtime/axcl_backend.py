@@ -34,6 +34,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import ClassVar
 
 import ml_dtypes
 import numpy as np
@@ -102,7 +103,7 @@ def reset_runtime() -> None:
 class AxclDevice:
     """One card, by index, with this process's context on it, made current per thread."""
 
-    _devices: dict[tuple[int, int], AxclDevice] = {}
+    _devices: ClassVar[dict[tuple[int, int], AxclDevice]] = {}
 
     def __init__(self, axcl: ModuleType, index: int) -> None:
         ids, status = axcl.rt.get_device_list()
@@ -118,10 +119,14 @@ class AxclDevice:
         self.axcl, self.index, self.id = axcl, index, int(ids[index])
         status = axcl.rt.set_device(self.id)
         if status != 0:
-            raise NpuUnavailableError(f"card {index} (device id {self.id}) cannot be opened: {hex_status(status)}")
+            raise NpuUnavailableError(
+                f"card {index} (device id {self.id}) cannot be opened: {hex_status(status)}"
+            )
         self.context, status = axcl.rt.create_context(self.id)
         if status != 0:
-            raise NpuUnavailableError(f"no context on card {index} (device id {self.id}): {hex_status(status)}")
+            raise NpuUnavailableError(
+                f"no context on card {index} (device id {self.id}): {hex_status(status)}"
+            )
         self._local = threading.local()
         logger.info("card %d is device id %d", index, self.id)
 
@@ -231,7 +236,7 @@ class AxclModel:
             code, status = getattr(rt, f"engine_get_{kind}_data_type")(self.info, i)
             self.device.check(status, f"{self.path}: engine_get_{kind}_data_type")
             if code not in DATA_TYPES:
-                raise RuntimeError(f"{self.path}: {kind} {name} has data type {code}, which the appliance lacks")
+                raise RuntimeError(f"{self.path}: {kind} {name} has data type {code}, unknown here")
             tensors.append(TensorInfo(str(name), tuple(int(d) for d in dims), DATA_TYPES[code]))
         return tensors
 
@@ -307,8 +312,9 @@ class AxclSession(AxclModel):
         made = self._group_io.get(group)
         if made is None:
             io = self.new_io()
-            ins = [self.device.malloc(_nbytes(t), f"{Path(self.path).name} input") for t in self._inputs[group]]
-            outs = [self.device.malloc(_nbytes(t), f"{Path(self.path).name} output") for t in self._outputs[group]]
+            what = Path(self.path).name
+            ins = [self.device.malloc(_nbytes(t), f"{what} input") for t in self._inputs[group]]
+            outs = [self.device.malloc(_nbytes(t), f"{what} output") for t in self._outputs[group]]
             made = (io, ins, outs)
             self._group_io[group] = made
             self.bind(io, inputs=dict(enumerate(ins)), outputs=dict(enumerate(outs)))
