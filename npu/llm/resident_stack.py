@@ -10,10 +10,9 @@ outputs back (about 13 MB per token for Qwen2.5-0.5B). Here, as in ax-llm's card
   their slot, so history is never uploaded again, prefill chunks included;
 - the hidden state passes from layer to layer on the card through two buffers in turn, and the
   post model reads the last one where it lies;
-- ``indices`` and the prefill masks are one device buffer per group shared by all layers; each
-  conversation's decode mask (one per decode capacity) is updated by the one element that changed;
-- per token only the embedding row, the position and that mask element go up, and the logits
-  come down.
+- ``indices`` and the prefill masks are one device buffer per group shared by all layers; a
+  decode token's embedding row, position and mask share one buffer per conversation and decode
+  capacity (``DecodeBlock``), so a token is one upload, and the logits the one download.
 
 Each conversation binds its own IO per (layer, group) once, so switching between conversations
 costs no binding calls. A cache that does not fit the card's memory is refused with how much it
@@ -62,48 +61,69 @@ class DeviceHidden:
     stamp: int
 
 
+ALIGN = 128  # ax-llm aligns the card's buffers to 128 bytes (AX_CMM_ALIGN_SIZE)
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass
+class DecodeBlock:
+    """What a decode token uploads, in one device buffer: embedding row, position, mask.
+
+    Layer 0's ``input``, every layer's ``indices`` and ``mask`` of one decode group are bound
+    to parts of it, so a token costs one host-to-device copy: the embedding, the position and
+    the mask up to the token's row (the mask's last column, the token itself, never changes).
+    """
+
+    buffer: DeviceBuffer
+    staging: np.ndarray  # uint8, the same layout on the host
+    index_at: int
+    mask_at: int
+    rows: int
+    stale: bool = True  # upload all of it next time (new, or rows were forgotten)
+
+
 class DeviceSequenceCache(SequenceCache):
-    """A sequence's device rows, its device decode masks and its bound IOs."""
+    """A sequence's device rows, its decode blocks and its bound IOs."""
 
     def __init__(self, layers: list[DeviceLayerCache], dtype: np.dtype, device: AxclDevice) -> None:
         super().__init__(layers, dtype)  # type: ignore[arg-type]
         self.device_layers = layers
         self.device = device
-        self.masks_on_device: dict[int, DeviceBuffer] = {}
-        self._dirty: dict[int, tuple[int, int]] = {}
+        self.blocks: dict[int, DecodeBlock] = {}  # by decode capacity
         self.ios: dict[tuple[int, int], int] = {}  # (layer, group) -> io, made on first use
 
-    def _mark(self, lo: int, hi: int) -> None:
-        for rows in self.masks_on_device:
-            lo_r, hi_r = max(0, lo), min(hi, rows)
-            if lo_r >= hi_r:
-                continue
-            old = self._dirty.get(rows)
-            self._dirty[rows] = (min(old[0], lo_r), max(old[1], hi_r)) if old else (lo_r, hi_r)
-
-    def commit(self, start: int, token_ids: Sequence[int]) -> None:
-        super().commit(start, token_ids)
-        self._mark(start, start + len(token_ids))
-
     def trim(self, n: int) -> None:
-        end = self.offset
         super().trim(n)
-        self._mark(n, end)
+        for block in self.blocks.values():
+            block.stale = True
 
-    def device_mask(self, rows: int, what: str) -> DeviceBuffer:
-        """The decode mask of a ``rows``-row group on the card, brought up to date."""
-        host = self.decode_mask_for(rows)
-        buffer = self.masks_on_device.get(rows)
-        if buffer is None:
-            buffer = self.masks_on_device[rows] = self.device.malloc(host.nbytes, what)
-            self.device.upload(buffer.ptr, host)
-            self._dirty.pop(rows, None)
-            return buffer
-        dirty = self._dirty.pop(rows, None)
-        if dirty is not None:
-            lo, hi = dirty
-            self.device.upload(buffer.ptr + lo * host.itemsize, host[0, 0, lo:hi])
-        return buffer
+    def block(self, rows: int, embed_bytes: int, index_dtype: np.dtype) -> DecodeBlock:
+        found = self.blocks.get(rows)
+        if found is None:
+            mask = self.decode_mask_for(rows)
+            index_at = _aligned(embed_bytes)
+            mask_at = index_at + _aligned(index_dtype.itemsize)
+            size = mask_at + mask.nbytes
+            found = DecodeBlock(self.device.malloc(size, "a decode block"), np.zeros(size, np.uint8),
+                                index_at, mask_at, rows)
+            self.blocks[rows] = found
+        return found
+
+    def upload_token(self, block: DecodeBlock, embed: np.ndarray, pos: int, index_dtype: np.dtype) -> None:
+        """One host-to-device copy: the embedding row, the position and the mask up to ``pos``."""
+        staging = block.staging
+        staging[: embed.nbytes] = np.ascontiguousarray(embed).view(np.uint8).reshape(-1)
+        position = np.array([pos], index_dtype).view(np.uint8)
+        staging[block.index_at : block.index_at + position.size] = position
+        mask = self.decode_mask_for(block.rows)
+        width = mask.itemsize
+        end = block.mask_at + (mask.size if block.stale else pos + 1) * width
+        staging[block.mask_at : end] = mask.reshape(-1)[: (end - block.mask_at) // width].view(np.uint8)
+        self.device.upload(block.buffer.ptr, staging[:end])
+        block.stale = False
 
     def release(self, models: Sequence[AxclModel]) -> None:
         for (layer, _), io in self.ios.items():
@@ -111,9 +131,9 @@ class DeviceSequenceCache(SequenceCache):
         self.ios.clear()
         for layer in self.device_layers:
             layer.free()
-        for buffer in self.masks_on_device.values():
-            buffer.free()
-        self.masks_on_device.clear()
+        for block in self.blocks.values():
+            block.buffer.free()
+        self.blocks.clear()
 
 
 class ResidentLayerStack:
@@ -130,6 +150,7 @@ class ResidentLayerStack:
         self.dtype, self.cache_dtype = decode["input"].dtype, decode["K_cache"].dtype
         self.mask_dtype, self.indices_dtype = decode["mask"].dtype, decode["indices"].dtype
         self.row_bytes = args.kv_dim * self.cache_dtype.itemsize
+        self.embed_bytes = args.hidden_size * self.dtype.itemsize
         self.index = {n: first.input_index(n) for n in ("K_cache", "V_cache", "indices", "input", "mask")}
         self.out_index = {n: first.output_index(n) for n in ("K_cache_out", "V_cache_out", "output")}
         self._caches: list[DeviceSequenceCache] = []
@@ -156,8 +177,6 @@ class ResidentLayerStack:
         self.group_indices: dict[int, DeviceBuffer] = {}
         self.prefill_masks: dict[int, DeviceBuffer] = {}
         self.placeholders: dict[int, DeviceBuffer] = {}
-        for decode in self.plan.decode:
-            self.group_indices[decode.gid] = self._alloc(self.indices_dtype.itemsize, "decode indices")
         for group in self.plan.prefill:
             self.group_indices[group.gid] = self._alloc(group.chunk * self.indices_dtype.itemsize, "indices")
             mask_bytes = group.chunk * group.total * self.mask_dtype.itemsize
@@ -226,17 +245,25 @@ class ResidentLayerStack:
             v: DeviceBuffer = rows.values
         else:
             k = v = self.placeholders[gid]
-        mask = self.prefill_masks.get(gid)
-        if mask is None:  # a decode group: this conversation's mask of that capacity
+        i, o = self.index, self.out_index
+        hidden_in: DeviceBuffer | tuple[int, int] = self.hidden[layer % 2]
+        if gid in self.prefill_masks:
+            indices: DeviceBuffer | tuple[int, int] = self.group_indices[gid]
+            mask: DeviceBuffer | tuple[int, int] = self.prefill_masks[gid]
+        else:  # a decode group: parts of this conversation's decode block of that capacity
             capacity = next(d.capacity for d in self.plan.decode if d.gid == gid)
-            mask = cache.device_mask(capacity, "a decode mask")
+            block = cache.block(capacity, self.embed_bytes, self.indices_dtype)
+            base, size = block.buffer.ptr, block.buffer.size
+            indices = (base + block.index_at, size - block.index_at)
+            mask = (base + block.mask_at, size - block.mask_at)
+            if layer == 0:
+                hidden_in = (base, size)
         io = model.new_io()
         cache.ios[(layer, gid)] = io
-        i, o = self.index, self.out_index
         model.bind(
             io,
-            inputs={i["K_cache"]: k, i["V_cache"]: v, i["indices"]: self.group_indices[gid],
-                    i["input"]: self.hidden[layer % 2], i["mask"]: mask},
+            inputs={i["K_cache"]: k, i["V_cache"]: v, i["indices"]: indices,
+                    i["input"]: hidden_in, i["mask"]: mask},
             outputs={o["K_cache_out"]: self.k_out, o["V_cache_out"]: self.v_out,
                      o["output"]: self.hidden[(layer + 1) % 2]},
         )
@@ -287,9 +314,8 @@ class ResidentLayerStack:
         if pos >= self.kv_cache_len:
             raise ValueError(f"KV cache full ({self.kv_cache_len} rows)")
         group = self.plan.decode_for(pos + 1)
-        self.device.upload(self.hidden[0].ptr, embed.reshape(1, 1, -1).astype(self.dtype, copy=False))
-        self.device.upload(self.group_indices[group.gid].ptr, np.array([[pos]], dtype=self.indices_dtype))
-        cache.device_mask(group.capacity, "a decode mask")
+        block = cache.block(group.capacity, self.embed_bytes, self.indices_dtype)
+        cache.upload_token(block, embed.reshape(-1).astype(self.dtype, copy=False), pos, self.indices_dtype)
         self._run_layers(cache, group.gid, group.capacity, pos, 1)
         cache.commit(pos, [token_id])
         return DeviceHidden(self._stamp)
