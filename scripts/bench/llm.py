@@ -167,7 +167,13 @@ def main() -> int:
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--sim-card", action="store_true",
+                        help="bytes and calls over the simulated card's bus, PyAXEngine path against resident KV")
     args = parser.parse_args()
+    if args.sim_card:
+        from scripts.bench.sim_card import main as sim_card
+
+        return sim_card(args.models_dir)
     if args.one:
         print(json.dumps(measure(args.one, args.prompt_tokens, args.decode_tokens, args.threads)))
         return 0
