@@ -38,7 +38,6 @@ from npu.engine.metrics import EngineMetrics
 from npu.engine.recovery import Recovery, RecoveryConfig
 from npu.engine.worker import DeviceWorker, ModelSpec, Runner, RunnerLoader, WorkerJob
 from npu.llm.runner import ContextLengthError, LLMRunner
-from npu.runtime.memory import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +164,7 @@ class Engine:
         self._encoder.shutdown(wait=True)  # pictures being encoded are still delivered
         for worker in self._every_worker:
             if not worker.is_alive():  # a thread stuck in a hung call keeps what it holds
-                worker.runners.clear()  # the models' sessions and caches: gigabytes on the CPU twin
-        release_freed_memory()
+                worker.close_runners()  # the models' sessions and caches, on the card or the CPU
         self._notify_state()
 
     # front-door API --------------------------------------------------------------------------

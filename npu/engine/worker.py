@@ -216,13 +216,27 @@ class DeviceWorker(threading.Thread):
         self.state = "reloading"
         self.engine.notify_state()
         specs = [s for s in self.specs if model_id is None or s.id == model_id]
-        for spec in specs:
-            self.runners.pop(spec.id, None)
-        release_freed_memory()  # the old sessions' memory goes back before the new load is checked
+        self.close_runners([s.id for s in specs])  # the old models leave the card before the new load
         self.reason = None
         self._load(specs)
         self._reload = None
         done.set()
+
+    def close_runners(self, model_ids: list[str] | None = None) -> None:
+        """Unload these models (all by default) from the device, each on its own, and forget them.
+
+        Dropping a runner is not enough on the card: its sessions and buffers stay allocated
+        until closed (PyAXEngine keeps its sessions until exit; pyaxcl buffers are the appliance's).
+        """
+        for model_id in list(self.runners) if model_ids is None else model_ids:
+            runner = self.runners.pop(model_id, None)
+            if runner is None:
+                continue
+            try:
+                runner.close()
+            except Exception:
+                logger.exception("device %d: closing %s failed", self.device_id, model_id)
+        release_freed_memory()
 
     def _start(self, job: WorkerJob) -> None:
         handle = job.handle

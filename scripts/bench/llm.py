@@ -168,7 +168,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sim-card", action="store_true",
-                        help="bytes and calls over the simulated card's bus, PyAXEngine path against resident KV")
+                        help="bytes and calls over the simulated card's bus: PyAXEngine path, resident KV")
     args = parser.parse_args()
     if args.sim_card:
         from scripts.bench.sim_card import main as sim_card

@@ -32,10 +32,12 @@ from npu.runtime import axcl_backend  # noqa: E402
 
 # Hugging Face config.json numbers of the models AXERA publishes for the card.
 SHAPES = {
-    "qwen2.5-0.5b": {"model_type": "qwen2", "num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
-                     "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 151936, "intermediate_size": 4864},
-    "qwen3-1.7b": {"model_type": "qwen3", "num_hidden_layers": 28, "hidden_size": 2048, "num_attention_heads": 16,
-                   "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "intermediate_size": 6144},
+    "qwen2.5-0.5b": {"model_type": "qwen2", "num_hidden_layers": 24, "hidden_size": 896,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "head_dim": 64,
+                     "vocab_size": 151936, "intermediate_size": 4864},
+    "qwen3-1.7b": {"model_type": "qwen3", "num_hidden_layers": 28, "hidden_size": 2048,
+                   "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+                   "vocab_size": 151936, "intermediate_size": 6144},
 }
 CONTEXT = {"qwen2.5-0.5b": 1023, "qwen3-1.7b": 1023}  # kv_cache_len of AXERA's builds
 PROMPT_TOKENS = 300  # three prefill chunks
@@ -45,8 +47,8 @@ DECODE_TOKENS = 16
 def bundles(workdir: Path, models_dir: Path) -> dict[str, Path]:
     from appliance.demo_model import ensure_demo_model
 
-    out = {"demo": fake_axengine.make_npu_bundle(
-        ensure_demo_model(models_dir), workdir / "demo", fake_axengine.Layout(decode=(2047,), placeholder="hidden"))}
+    demo = fake_axengine.Layout(decode=(2047,), placeholder="hidden")
+    out = {"demo": fake_axengine.make_npu_bundle(ensure_demo_model(models_dir), workdir / "demo", demo)}
     for name, config in SHAPES.items():
         layout = fake_axengine.Layout(decode=(CONTEXT[name],), placeholder="hidden")
         prefix = config["model_type"]
@@ -71,8 +73,8 @@ def per_step(record: fake_axengine.Record, run, layers: int) -> dict[str, float]
     after = record.snapshot()
     diff = {k: (after.get(k, 0) - before.get(k, 0)) / steps for k in after}
     calls = sum(v for k, v in diff.items() if not k.endswith("_bytes")) - layers
-    return {"h2d": diff.get("h2d_bytes", 0), "d2h": diff.get("d2h_bytes", 0), "d2d": diff.get("d2d_bytes", 0),
-            "calls": calls}
+    return {"h2d": diff.get("h2d_bytes", 0), "d2h": diff.get("d2h_bytes", 0),
+            "d2d": diff.get("d2d_bytes", 0), "calls": calls}
 
 
 def measure(bundle: Path, backend: str) -> dict[str, dict[str, float]]:
@@ -112,7 +114,8 @@ def measure(bundle: Path, backend: str) -> dict[str, dict[str, float]]:
 def main(models_dir: Path) -> int:
     print(f"machine: {platform.machine()}, python {platform.python_version()}; simulated card; "
           f"prompt {PROMPT_TOKENS} tokens, {DECODE_TOKENS} decode tokens")
-    print("| shape | path | step | host→device B | device→host B | device→device B | calls beyond layer runs |")
+    print("| shape | path | step | host→device B | device→host B | device→device B | "
+          "calls beyond layer runs |")
     print("|---|---|---|---|---|---|---|")
     lines = []
     with tempfile.TemporaryDirectory(prefix="sim-card-") as tmp:
@@ -131,7 +134,8 @@ def main(models_dir: Path) -> int:
             resident, old = rows["axcl"]["decode"], rows["axengine"]["decode"]
             lines.append(
                 f"resident-kv {shape}: {resident['h2d'] + resident['d2h']:.0f} B/token host-device "
-                f"(PyAXEngine path {old['h2d'] + old['d2h']:.0f} B/token), {resident['calls']:.0f} calls/token"
+                f"(PyAXEngine path {old['h2d'] + old['d2h']:.0f} B/token), "
+                f"{resident['calls']:.0f} calls/token"
             )
     print()
     print("\n".join(lines))
