@@ -11,10 +11,12 @@ weights.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +79,33 @@ def per_step(record: fake_axengine.Record, run, layers: int) -> dict[str, float]
             "d2d": diff.get("d2d_bytes", 0), "calls": calls}
 
 
+def host_us(stack, cache, rng, hidden: int) -> float:  # type: ignore[no-untyped-def]
+    """The appliance's own Python per decode token, with every card call answered at once."""
+    rt = sys.modules["axcl"].rt  # type: ignore[attr-defined]
+    saved = rt.engine_execute, rt.memcpy
+    rt.engine_execute = rt.memcpy = lambda *a: 0
+    try:
+        embed = rng.standard_normal(hidden)
+        start = time.perf_counter()
+        for t in range(DECODE_TOKENS):
+            stack.logits(stack.decode(cache, t, embed))
+        return (time.perf_counter() - start) / DECODE_TOKENS * 1e6
+    finally:
+        rt.engine_execute, rt.memcpy = saved
+
+
+def ctypes_call_us() -> float:
+    """One call made the way pyaxcl makes them: restype and argtypes set, then the C call."""
+    libc = ctypes.CDLL(None)
+    count = 20000
+    start = time.perf_counter()
+    for _ in range(count):
+        libc.labs.restype = ctypes.c_int32
+        libc.labs.argtypes = [ctypes.c_long]
+        libc.labs(ctypes.c_long(-1))
+    return (time.perf_counter() - start) / count * 1e6
+
+
 def measure(bundle: Path, backend: str) -> dict[str, dict[str, float]]:
     record = install(backend)
     args = ModelArgs.load(bundle)
@@ -104,6 +133,8 @@ def measure(bundle: Path, backend: str) -> dict[str, dict[str, float]]:
     cache.trim(0)
     result = {"prefill": per_step(record, prefill, args.num_hidden_layers),
               "decode": per_step(record, decode, args.num_hidden_layers)}
+    if backend == "axcl":
+        result["host_us"] = {"us": host_us(stack, cache, rng, args.hidden_size)}
     stack.free_cache(cache)
     stack.close()
     if backend == "axcl":
@@ -127,6 +158,8 @@ def main(models_dir: Path) -> int:
                     unit = "chunk" if step == "prefill" else "token"
                     print(f"| {shape} | {label} | per {unit} | {r['h2d']:,.0f} | {r['d2h']:,.0f} | "
                           f"{r['d2d']:,.0f} | {r['calls']:.0f} |")
+            print(f"| {shape} | resident (pyaxcl) | host Python per token, card calls answered at once | "
+                  f"{rows['axcl']['host_us']['us']:.0f} µs | | | |")
             leaks = rows["axcl"].get("leaks", {})
             if any(leaks.values()):
                 print(f"LEAK {shape}: {json.dumps(leaks)}", file=sys.stderr)
@@ -137,6 +170,7 @@ def main(models_dir: Path) -> int:
                 f"(PyAXEngine path {old['h2d'] + old['d2h']:.0f} B/token), "
                 f"{resident['calls']:.0f} calls/token"
             )
+    print(f"\none pyaxcl-style ctypes call (restype, argtypes, call): {ctypes_call_us():.2f} µs")
     print()
     print("\n".join(lines))
     return 0
