@@ -123,7 +123,7 @@ def test_every_problem_is_listed(tmp_path: Path) -> None:
         ({"mqtt": {"protocol": 4}}, "mqtt.protocol: 4 is not allowed; allowed: 5, 311"),
         (
             {"models": [{"id": "a", "path": "a", "runtime": "gpu"}]},
-            "models[0].runtime: 'gpu' is not allowed; allowed: auto, axengine, onnx",
+            "models[0].runtime: 'gpu' is not allowed; allowed: auto, axcl, axengine, onnx",
         ),
         ({"models": [{"id": "a", "path": "a", "kind": "video"}]}, "allowed: chat, image"),
     ],

@@ -64,8 +64,6 @@ def axcl_runtime() -> ModuleType:
     """pyaxcl, initialised once per process (AXCL allows one ``axclInit`` per process)."""
     global _axcl
     with _lock:
-        if _axcl is not None:
-            return _axcl
         try:
             import axcl  # type: ignore[import-not-found]
         except (ImportError, OSError, SystemExit) as exc:
@@ -74,6 +72,8 @@ def axcl_runtime() -> ModuleType:
                 "AXERA's pyaxcl wheel and the axcl driver (scripts/setup_pi), or set the model's "
                 "runtime to 'axengine' or 'onnx'"
             ) from exc
+        if axcl is _axcl:
+            return axcl
         status = axcl.init(None)
         if status != 0:
             raise NpuUnavailableError(
