@@ -43,7 +43,9 @@ Engine (``axcl_rt_engine.py``)
 - ``engine_execute(model_id, context, group, io)`` (line 1529) reads each input from the start
   of its bound buffer in the group's declared shape and dtype, and writes each output the same
   way. A hung card blocks; a dead one returns an error.
-- ``engine_destroy_io``, ``engine_destroy_io_info``, ``engine_unload`` release what was made.
+- ``engine_destroy_io``, ``engine_destroy_io_info``, ``engine_unload`` and ``rt.destroy_context``
+  (``axcl_rt_context.py``) release what was made; a context made before a card's reboot must not
+  be used after it, so the leak report counts contexts too.
 
 The bus (``Bus``) counts every byte and call that crosses it, by direction: host-to-device,
 device-to-host, device-to-device (a command crossing, its bytes staying on the card), and engine
@@ -137,6 +139,7 @@ def make_axcl(card: SimCard | None = None, record: Record | None = None) -> type
     infos: dict[int, int] = {}  # io_info -> model id
     ios: dict[int, IO] = {}
     contexts: set[int] = set()
+    device_contexts: set[int] = set()  # made by rt.create_context, for the leak report
     ids = itertools.count(0x1000)
     local = threading.local()
     state = {"init": False}
@@ -173,12 +176,14 @@ def make_axcl(card: SimCard | None = None, record: Record | None = None) -> type
             return 0, NO_CONNECTION
         ctx = next(ids)
         contexts.add(ctx)
+        device_contexts.add(ctx)
         return ctx, 0
 
     def destroy_context(context: int) -> int:
-        if context not in contexts:
+        if context not in device_contexts:
             return FAIL
         contexts.discard(context)
+        device_contexts.discard(context)
         return 0
 
     def set_current_context(context: int) -> int:
@@ -407,8 +412,9 @@ def make_axcl(card: SimCard | None = None, record: Record | None = None) -> type
     rt.engine_set_output_buffer_by_index = bind(True)  # type: ignore[attr-defined]
 
     def leaks() -> dict[str, int]:
-        """What was made and never released: device buffers, IOs, IO infos, loaded models."""
-        return {"buffers": len(mem.blocks), "ios": len(ios), "io_infos": len(infos), "models": len(models)}
+        """What was made and never released: device buffers, IOs, IO infos, models, contexts."""
+        return {"buffers": len(mem.blocks), "ios": len(ios), "io_infos": len(infos), "models": len(models),
+                "contexts": len(device_contexts)}
 
     module = types.ModuleType("axcl")
     module.rt = rt  # type: ignore[attr-defined]

@@ -78,7 +78,7 @@ def test_resident_path_gives_the_twins_and_pyaxengines_text(
     assert {0, 1, 2, 4, 5} <= groups, "both decode groups and several prefill groups ran on the card"
     runner.close()
     pyaxengine.close()
-    assert axcl.leaks() == {"buffers": 0, "ios": 0, "io_infos": 0, "models": 0}
+    assert axcl.leaks() == {"buffers": 0, "ios": 0, "io_infos": 0, "models": 0, "contexts": 0}
     assert axcl.card.cmm_used == 0
 
 
@@ -183,7 +183,7 @@ def test_reload_recovery_and_stop_free_every_device_buffer(bundle: Path, axcl) -
     finally:
         engine.stop()
         sim.close()
-    assert axcl.leaks() == {"buffers": 0, "ios": 0, "io_infos": 0, "models": 0}
+    assert axcl.leaks() == {"buffers": 0, "ios": 0, "io_infos": 0, "models": 0, "contexts": 0}
 
 
 def test_a_full_card_is_a_busy_refusal_not_a_crash(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:

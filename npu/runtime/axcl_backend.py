@@ -101,7 +101,12 @@ def reset_runtime() -> None:
 
 
 class AxclDevice:
-    """One card, by index, with this process's context on it, made current per thread."""
+    """One card, by index, with this process's context on it, made current per thread.
+
+    It lives while models are open on it: when the last one closes (a reload, or a recovery that
+    rebooted the card), its context is destroyed and the next model opens a fresh one, so nothing
+    made before a reboot is used after it.
+    """
 
     _devices: ClassVar[dict[tuple[int, int], AxclDevice]] = {}
 
@@ -128,17 +133,33 @@ class AxclDevice:
                 f"no context on card {index} (device id {self.id}): {hex_status(status)}"
             )
         self._local = threading.local()
+        self.users = 0
+        self.key = (id(axcl), index)
         logger.info("card %d is device id %d", index, self.id)
 
     @classmethod
-    def get(cls, index: int) -> AxclDevice:
+    def acquire(cls, index: int) -> AxclDevice:
+        """The card's device for one more open model."""
         axcl = axcl_runtime()
-        key = (id(axcl), index)
         with _lock:
-            device = cls._devices.get(key)
+            device = cls._devices.get((id(axcl), index))
             if device is None:
-                device = cls._devices[key] = cls(axcl, index)
+                device = cls(axcl, index)
+                cls._devices[device.key] = device
+            device.users += 1
             return device
+
+    def release(self) -> None:
+        """One model fewer; the last one out destroys the context."""
+        with _lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            if self._devices.get(self.key) is self:
+                del self._devices[self.key]
+        status = self.axcl.rt.destroy_context(self.context)
+        if status != 0:
+            logger.warning("card %d: destroy_context failed with status %s", self.index, hex_status(status))
 
     def current(self) -> ModuleType:
         """``axcl`` with this card's context current on the calling thread."""
@@ -203,10 +224,11 @@ class AxclModel:
 
     def __init__(self, path: str | Path, *, device_id: int = 0) -> None:
         self.path = str(path)
-        self.device = AxclDevice.get(device_id)
+        self.device = AxclDevice.acquire(device_id)
         rt = self.device.current().rt
         self.model_id, status = rt.engine_load_from_file(self.path)
         if status != 0:
+            self.device.release()
             raise RuntimeError(f"{self.path}: the engine could not load it (status {hex_status(status)})")
         self._ios: list[int] = []
         self.info = 0
@@ -222,6 +244,7 @@ class AxclModel:
             self._outputs = [self._tensors(g, outputs=True) for g in range(self.group_count)]
         except BaseException:
             self._release()
+            self.device.release()
             raise
 
     def _tensors(self, group: int, *, outputs: bool) -> list[TensorInfo]:
@@ -290,11 +313,14 @@ class AxclModel:
             self.model_id = 0
 
     def close(self) -> None:
+        if not self.model_id:
+            return  # closed already
         try:
             self.device.current()
         except DeviceFault:
             logger.warning("card %d: closing %s without a context", self.device.index, self.path)
         self._release()
+        self.device.release()
 
 
 class AxclSession(AxclModel):
