@@ -74,6 +74,24 @@ class LayerKVCache:
         return self.keys.nbytes + self.values.nbytes
 
 
+def prefill_feeds(
+    start: int, n: int, chunk: int, history: int, mask_dtype: np.dtype, indices_dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """``indices`` and ``mask`` of a prefill chunk of ``n`` tokens at ``start``.
+
+    The mask's columns are the group's ``history`` rows then the chunk's own: a real token
+    attends to the stored rows (columns below ``start``; history columns beyond them are unused)
+    and causally to the chunk; padded rows attend to nothing. Padded positions are 0, as AXERA's
+    scripts pad them.
+    """
+    indices = np.zeros((1, chunk), dtype=indices_dtype)
+    indices[0, :n] = np.arange(start, start + n)
+    rows = np.arange(chunk)[:, None]
+    cols = np.arange(history + chunk)[None, :]
+    attend = ((cols < start) | ((cols >= history) & (cols - history <= rows))) & (rows < n)
+    return indices, np.where(attend, 0.0, MASKED).astype(mask_dtype)[None]
+
+
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     if n == 0:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from npu.llm.kv_cache import MASKED, LayerKVCache, SequenceCache
+from npu.llm.kv_cache import LayerKVCache, SequenceCache, prefill_feeds
 from npu.llm.model_args import DEFAULT_KV_CACHE_LEN, ModelArgs
 from npu.llm.shape_groups import (
     IN_NAMES,
@@ -165,13 +165,7 @@ class LayerStack:
         hist = group.history
         x = np.zeros((1, size, self.args.hidden_size), dtype=self.dtype)
         x[0, :n] = embeds
-        indices = np.zeros((1, size), dtype=self.indices_dtype)
-        indices[0, :n] = np.arange(start, start + n)
-        rows = np.arange(size)[:, None]
-        cols = np.arange(hist + size)[None, :]
-        real = rows < n
-        attend = ((cols < start) | ((cols >= hist) & (cols - hist <= rows))) & real
-        mask = np.where(attend, 0.0, MASKED).astype(self.mask_dtype)[None]
+        indices, mask = prefill_feeds(start, n, size, hist, self.mask_dtype, self.indices_dtype)
         k_out, v_out, h_out = self._out_index
         for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
             if hist:

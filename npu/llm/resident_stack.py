@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from npu.llm.kv_cache import MASKED, CacheMemoryError, SequenceCache
+from npu.llm.kv_cache import CacheMemoryError, SequenceCache, prefill_feeds
 from npu.llm.model_args import ModelArgs
 from npu.llm.shape_groups import GroupPlan, PrefillGroup
 from npu.runtime.axcl_backend import AxclDevice, AxclModel, DeviceBuffer, DeviceMemoryError
@@ -290,12 +290,7 @@ class ResidentLayerStack:
         hist = group.history
         x = np.zeros((1, size, self.args.hidden_size), dtype=self.dtype)
         x[0, :n] = embeds
-        indices = np.zeros((1, size), dtype=self.indices_dtype)
-        indices[0, :n] = np.arange(start, start + n)
-        rows = np.arange(size)[:, None]
-        cols = np.arange(hist + size)[None, :]
-        attend = ((cols < start) | ((cols >= hist) & (cols - hist <= rows))) & (rows < n)
-        mask = np.where(attend, 0.0, MASKED).astype(self.mask_dtype)
+        indices, mask = prefill_feeds(start, n, size, hist, self.mask_dtype, self.indices_dtype)
         self.device.upload(self.hidden[0].ptr, x)
         self.device.upload(self.group_indices[group.gid].ptr, indices)
         self.device.upload(self.prefill_masks[group.gid].ptr, mask)
