@@ -362,30 +362,31 @@ def make_axcl(card: SimCard | None = None, record: Record | None = None) -> type
             return 0
         return set_buffer
 
+    def bound_views(bound: dict[int, tuple[int, int]], nodes: list[Any]) -> list[np.ndarray] | None:
+        """The bytes each declared tensor occupies at the start of its bound buffer; None when a
+        buffer is missing or smaller than the group declares (ax-llm's ``set_input`` refuses it)."""
+        views = []
+        for index, node in enumerate(nodes):
+            need = int(math.prod(node.shape) * node.dtype.itemsize)
+            buffer = bound.get(index)
+            view = mem.view(buffer[0], need) if buffer is not None and buffer[1] >= need else None
+            if view is None:
+                return None
+            views.append(view)
+        return views
+
     def engine_execute(model_id: int, context_id: int, group: int, io: int) -> int:
         model, handle = models.get(model_id), ios.get(io)
         if model is None or handle is None or context_id not in contexts or not ready():
             return FAIL
         if not 0 <= group < len(model.inputs):
             return FAIL
-        feeds: dict[str, np.ndarray] = {}
-        for index, node in enumerate(model.inputs[group]):
-            need = int(math.prod(node.shape) * node.dtype.itemsize)
-            bound = handle.inputs.get(index)
-            if bound is None or bound[1] < need:
-                return FAIL
-            view = mem.view(bound[0], need)
-            assert view is not None
-            feeds[node.name] = view.view(node.dtype).reshape(node.shape).copy()
-        targets: list[np.ndarray] = []
-        for index, node in enumerate(model.outputs[group]):
-            need = int(math.prod(node.shape) * node.dtype.itemsize)
-            bound = handle.outputs.get(index)
-            if bound is None or bound[1] < need:
-                return FAIL
-            view = mem.view(bound[0], need)
-            assert view is not None
-            targets.append(view)
+        sources = bound_views(handle.inputs, model.inputs[group])
+        targets = bound_views(handle.outputs, model.outputs[group])
+        if sources is None or targets is None:
+            return FAIL
+        feeds = {node.name: view.view(node.dtype).reshape(node.shape).copy()
+                 for node, view in zip(model.inputs[group], sources, strict=True)}
         if card.execute() != 0:
             return NO_CONNECTION
         bus.count("execute")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from engine_jobs import Job, drive_watchdog
 from fake_axcl import SMI, FakeAxcl, NpuSession, install
 from gguf_factory import write_tiny_gguf
 
@@ -22,7 +23,7 @@ from npu.convert import convert_gguf
 from npu.device.axcl import AxclMonitor
 from npu.device.base import DeviceFault
 from npu.device.smi import SmiMonitor
-from npu.engine.api import ChatRequest, Delta, Done, ErrorCode, Failed, JobEvent
+from npu.engine.api import Done, ErrorCode, Failed
 from npu.engine.engine import Engine, EngineConfig
 from npu.engine.recovery import RecoveryConfig
 from npu.engine.worker import ModelSpec, Runner, load_runner
@@ -114,40 +115,6 @@ def make(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         engine.stop()
 
 
-class Job:
-    def __init__(self, engine: Engine, params: GenerationParams = GREEDY, model: str = "m0") -> None:
-        self.events: list[JobEvent] = []
-        request = ChatRequest(messages=[{"role": "user", "content": "Name three colours."}], params=params,
-                              model=model)
-        self.handle = engine.submit(request, self.events.append)
-
-    @property
-    def streamed(self) -> str:
-        return "".join(e.text for e in self.events if isinstance(e, Delta))
-
-    @property
-    def final(self) -> Done | Failed:
-        assert self.handle.wait(0), "the job has not ended"
-        last = self.events[-1]
-        assert isinstance(last, Done | Failed)
-        return last
-
-    def wait_for_text(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.streamed and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert self.streamed
-
-
-def drive_watchdog(engine: Engine, until: Callable[[], bool], timeout: float = 30) -> None:
-    """What the health job does every few seconds, faster."""
-    deadline = time.monotonic() + timeout
-    while not until() and time.monotonic() < deadline:
-        engine.check_watchdog()
-        time.sleep(0.05)
-    assert until(), "timed out"
-
-
 def closed_before_loaded(order: list[tuple[str, str]], old: list[str]) -> bool:
     """Every old runner was closed, each before the first load that followed on the same card."""
     cards = {name.split("@")[1].split("#")[0] for name in old}
@@ -160,10 +127,10 @@ def closed_before_loaded(order: list[tuple[str, str]], old: list[str]) -> bool:
 def test_a_hung_card_is_rebooted_its_sessions_closed_then_reloaded(make) -> None:  # type: ignore[no-untyped-def]
     engine, card, events = make()
     fake = card.fake
-    reference = Job(engine)
+    reference = Job(engine, GREEDY, model="m0")
     assert reference.handle.wait(30)
     expected = reference.final.result.text  # type: ignore[union-attr]
-    running, *waiting = [Job(engine, model=m) for m in ("m0", "m1", "m0")]
+    running, *waiting = [Job(engine, GREEDY, model=m) for m in ("m0", "m1", "m0")]
     running.wait_for_text()
     old = [name for what, name in card.order if what == "load"]
     fake.store.set(0, state="hung")  # the NPU stops answering: the running step blocks
@@ -199,7 +166,7 @@ def test_restart_takes_the_same_path_and_keeps_the_other_card_serving(make) -> N
     assert fake.called("reset_device") == []
     opened = {(e[1], e[3].split("#")[0]) for e in fake.store.events() if e[0] == "open"}
     assert opened == {(1, "m0@0"), (3, "m0@1")}, "card index 1 opens device id 3"
-    jobs = [Job(engine, GenerationParams(max_tokens=4, temperature=0)) for _ in range(3)]
+    jobs = [Job(engine, GenerationParams(max_tokens=4, temperature=0), model="m0") for _ in range(3)]
     drive_watchdog(engine, lambda: all(j.handle.wait(0) for j in jobs))
     assert all(isinstance(j.final, Done) for j in jobs)
 
@@ -207,7 +174,7 @@ def test_restart_takes_the_same_path_and_keeps_the_other_card_serving(make) -> N
 def test_a_card_that_stays_dead_ends_failed_without_a_reset_device(make) -> None:  # type: ignore[no-untyped-def]
     engine, card, events = make(models=1, reset_timeout=0.6)
     fake = card.fake
-    job = Job(engine, GenerationParams(max_tokens=200, temperature=0))
+    job = Job(engine, GenerationParams(max_tokens=200, temperature=0), model="m0")
     job.wait_for_text()
     fake.store.set(0, state="dead", heals=False)
     drive_watchdog(engine, lambda: engine.state().state == "failed")
@@ -221,7 +188,7 @@ def test_a_card_that_stays_dead_ends_failed_without_a_reset_device(make) -> None
 def test_a_failed_step_does_not_look_hung_to_the_watchdog(make) -> None:  # type: ignore[no-untyped-def]
     engine, card, events = make(models=1)
     card.fail_next_step.set()
-    job = Job(engine)
+    job = Job(engine, GREEDY, model="m0")
     assert job.handle.wait(10)
     assert isinstance(job.final, Failed) and job.final.error.code is ErrorCode.INTERNAL
     time.sleep(0.7)  # longer than step_timeout, with nothing running

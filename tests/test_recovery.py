@@ -2,55 +2,21 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from engine_jobs import Job, drive_watchdog
 
 from appliance.health import HealthChecks
 from npu.device.sim import SimMonitor
 from npu.device.thermal import ThermalLevel, ThermalLimits
-from npu.engine.api import ChatRequest, Delta, Done, EngineError, ErrorCode, Failed, JobEvent
+from npu.engine.api import Done, EngineError, ErrorCode, Failed
 from npu.engine.engine import Engine, EngineConfig
 from npu.engine.recovery import RecoveryConfig
 from npu.engine.worker import ModelSpec
 from npu.llm.params import GenerationParams
-
-GREEDY = GenerationParams(max_tokens=16, temperature=0)
-COLOURS = [{"role": "user", "content": "Name three colours."}]
-
-
-class Job:
-    def __init__(self, engine: Engine, params: GenerationParams = GREEDY, text: str = "Name three colours.",
-                 ) -> None:
-        self.events: list[JobEvent] = []
-        self.lock = threading.Lock()
-        request = ChatRequest(messages=[{"role": "user", "content": text}], params=params)
-        self.handle = engine.submit(request, self._sink)
-
-    def _sink(self, event: JobEvent) -> None:
-        with self.lock:
-            self.events.append(event)
-
-    @property
-    def streamed(self) -> str:
-        return "".join(e.text for e in self.events if isinstance(e, Delta))
-
-    @property
-    def final(self) -> Done | Failed:
-        assert self.handle.wait(0), "the job has not ended"
-        last = self.events[-1]
-        assert isinstance(last, Done | Failed)
-        return last
-
-    def wait_for_text(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.streamed and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert self.streamed
-
 
 Made = tuple[Engine, SimMonitor, list[tuple[str, dict]]]
 
@@ -77,15 +43,6 @@ def make(demo_bundle_fp32: Path) -> Iterator[Callable[..., Made]]:
         if engine.monitor is not None:
             engine.monitor.close()  # ends a hang still in progress
         engine.stop()
-
-
-def drive_watchdog(engine: Engine, until: Callable[[], bool], timeout: float = 60) -> None:
-    """What the health job does every few seconds, faster."""
-    deadline = time.monotonic() + timeout
-    while not until() and time.monotonic() < deadline:
-        engine.check_watchdog()
-        time.sleep(0.05)
-    assert until(), "timed out"
 
 
 def test_a_hung_step_is_recovered_and_no_job_is_lost_or_repeated(make) -> None:  # type: ignore[no-untyped-def]

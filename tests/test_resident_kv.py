@@ -15,9 +15,10 @@ from pathlib import Path
 import fake_axcl_engine as fx
 import fake_axengine as fa
 import pytest
+from engine_jobs import Job
 
 from npu.device.sim import SimMonitor
-from npu.engine.api import ChatRequest, Done, ErrorCode, Failed, JobEvent
+from npu.engine.api import Done, ErrorCode, Failed
 from npu.engine.engine import Engine, EngineConfig
 from npu.engine.recovery import RecoveryConfig
 from npu.engine.worker import ModelSpec
@@ -141,35 +142,18 @@ def test_a_cache_the_card_cannot_hold_is_refused(bundle: Path, monkeypatch: pyte
     axcl_backend.reset_runtime()
 
 
-class Collect:
-    def __init__(self) -> None:
-        self.events: list[JobEvent] = []
-        self.done = threading.Event()
-
-    def __call__(self, event: JobEvent) -> None:
-        self.events.append(event)
-        if isinstance(event, Done | Failed):
-            self.done.set()
-
-
-def ask(engine: Engine, text: str = "Name three colours.") -> Collect:
-    sink = Collect()
-    engine.submit(ChatRequest(messages=[{"role": "user", "content": text}], params=GREEDY), sink)
-    return sink
-
-
 def test_reload_recovery_and_stop_free_every_device_buffer(bundle: Path, axcl) -> None:  # type: ignore[no-untyped-def]
     sim = SimMonitor(reset_seconds=0.05)
     engine = Engine([ModelSpec("demo", "chat", bundle, runtime="axcl")], config=EngineConfig(max_active=2),
                     monitor=sim, recovery=RecoveryConfig(attempts=2, backoff=0.1))
     engine.start(timeout=120)
     try:
-        assert ask(engine).done.wait(60)
+        assert Job(engine, GREEDY).handle.wait(60)
         loaded = axcl.card.cmm_used
         engine.reload(timeout=120)
         assert axcl.card.cmm_used == loaded, "a reload frees the old model's buffers before the new ones"
-        answer = ask(engine)
-        assert answer.done.wait(60) and isinstance(answer.events[-1], Done)
+        answer = Job(engine, GREEDY)
+        assert answer.handle.wait(60) and isinstance(answer.final, Done)
         engine.restart("test")
         deadline = threading.Event()
         for _ in range(600):
@@ -177,8 +161,8 @@ def test_reload_recovery_and_stop_free_every_device_buffer(bundle: Path, axcl) -
                 break
             deadline.wait(0.1)
         assert engine.state().state == "idle"
-        after = ask(engine)
-        assert after.done.wait(60) and isinstance(after.events[-1], Done)
+        after = Job(engine, GREEDY)
+        assert after.handle.wait(60) and isinstance(after.final, Done)
         assert axcl.card.cmm_used <= loaded + 2 * 2**20
     finally:
         engine.stop()
@@ -194,10 +178,10 @@ def test_a_full_card_is_a_busy_refusal_not_a_crash(bundle: Path, monkeypatch: py
     engine.start(timeout=120)
     try:
         card.cmm_total = card.cmm_used + 2**20  # the warm-up's cache exists; no room for a second
-        a = ask(engine, "Tell a long story about a lighthouse.")
-        b = ask(engine, "Tell a story about a forest.")
-        assert a.done.wait(60) and b.done.wait(60)
-        finals = [s.events[-1] for s in (a, b)]
+        a = Job(engine, GREEDY, "Tell a long story about a lighthouse.")
+        b = Job(engine, GREEDY, "Tell a story about a forest.")
+        assert a.handle.wait(60) and b.handle.wait(60)
+        finals = [a.final, b.final]
         assert sum(isinstance(f, Done) for f in finals) >= 1
         refused = [f for f in finals if isinstance(f, Failed)]
         assert all(f.error.code == ErrorCode.BUSY and "memory is full" in f.error.message for f in refused)
