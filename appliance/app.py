@@ -26,6 +26,7 @@ from appliance.device_monitor import make_device_monitor
 from appliance.ha_discovery import build_discovery, discovery_changed
 from appliance.health import HealthChecks, TelemetryJob, make_scheduler
 from appliance.mqtt_link import InboundMessage, MqttLink
+from appliance.telemetry import state_figures
 from appliance.topics import Topics
 from bridge_http.app import create_app
 from bridge_http.auth import exposure_warning
@@ -114,10 +115,10 @@ class Appliance:
     def start(self) -> None:
         logger.info("appliance %s starting (base topic %r)", app_version(), self.topics.base)
         http_error = self._start_http()  # first, so the retained info sent on connect names the port
+        self.engine.add_state_listener(self.publish_state)  # before the link: its connect sends the state
         self.link.start()
         if http_error:
             self.event("http_failed", error=http_error)
-        self.engine.add_state_listener(self.publish_state)
         self.engine.add_event_listener(lambda name, fields: self.event(name, **fields))
         self.engine.start(wait_loaded=False)
         self.scheduler.start()
@@ -183,7 +184,7 @@ class Appliance:
 
     def publish_retained(self) -> None:
         self.link.publish(self.topics.info, json.dumps(self.info()), qos=1, retain=True)
-        self.publish_state(self.engine.state())
+        self.engine.notify_state(force=True)  # through the engine, in order with every other change
         self.publish_discovery()
 
     def publish_discovery(self, force: bool = False) -> None:
@@ -206,8 +207,11 @@ class Appliance:
             self.publish_discovery(force=True)
 
     def publish_state(self, state: EngineState) -> None:
+        """The engine's state listener: ``{base}/state`` and the bare queue figures of the same snapshot."""
         payload = {**asdict(state), "ts": round(time.time(), 3)}
         self.link.publish(self.topics.state, json.dumps(payload), qos=1, retain=True)
+        for name, value in state_figures(state).items():
+            self.link.publish(self.topics.telemetry_metric(name), value, qos=0, retain=True)
 
     def event(self, name: str, **fields: Any) -> None:
         payload = {"event": name, "ts": round(time.time(), 3), **fields}

@@ -17,7 +17,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from appliance.telemetry import TokenRate, build_telemetry, generated_tokens, headline_values
+from appliance.telemetry import STATE_FIGURES, TokenRate, build_telemetry, generated_tokens, headline_values
 from appliance.topics import Topics
 from npu.device.base import DeviceMonitor, DeviceReading
 from npu.device.thermal import ThermalLevel, ThermalLimits, apply_thermal_policy
@@ -97,6 +97,8 @@ class TelemetryJob:
                                   self.rate.update(generated_tokens(self.engine)), self.started_at)
         self.publish(self.topics.telemetry, json.dumps(payload), qos=0, retain=True)
         for name, value in headline_values(payload).items():
+            if name in STATE_FIGURES:
+                continue  # published with every state change, from the state's own snapshot
             self.publish(self.topics.telemetry_metric(name), value, qos=0, retain=True)
         return payload
 

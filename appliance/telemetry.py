@@ -2,7 +2,9 @@
 
 ``{base}/telemetry`` carries the whole JSON; ``{base}/telemetry/<metric>`` carries each headline
 figure as a bare number (what Node-RED gauges and Home Assistant sensors want). Both are retained,
-so a dashboard that connects later shows the last values at once.
+so a dashboard that connects later shows the last values at once. The queue figures
+(``STATE_FIGURES``) go out with every state change instead, from the same snapshot as
+``{base}/state``, so a dashboard never shows a queue that disagrees with the state.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from npu.device.base import DeviceReading
+from npu.engine.api import EngineState
 from npu.engine.engine import Engine
 
 HEADLINE = ("temperature_c", "cmm_free_mib", "npu_load_pct", "queue_depth", "running", "tokens_per_s",
             "requests", "errors", "uptime_s")
+STATE_FIGURES = ("queue_depth", "running")  # published with {base}/state, not on the telemetry interval
 
 
 @dataclass
@@ -70,6 +74,11 @@ def build_telemetry(
         **summarise(readings),
         "devices": [{**r.as_dict(), "thermal": thermal.get(r.device_id, "normal")} for r in readings],
     }
+
+
+def state_figures(state: EngineState) -> dict[str, str]:
+    """The bare queue figures of one state snapshot, published with it."""
+    return {name: str(getattr(state, name)) for name in STATE_FIGURES}
 
 
 def headline_values(payload: dict[str, Any]) -> dict[str, str]:

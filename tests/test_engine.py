@@ -145,6 +145,26 @@ def test_a_job_past_its_deadline_is_expired_not_run_late(make_engine) -> None:  
     assert [e for e in got.of("x") if isinstance(e, Delta)] == []
 
 
+
+def test_a_job_counts_as_running_from_leaving_the_queue_until_its_answer(make_engine) -> None:  # type: ignore[no-untyped-def]
+    """What the state listeners (the retained MQTT state) see agrees with ``state()`` at each token."""
+    engine = make_engine(max_active=1)
+    published: list[tuple[str, int, int]] = []
+    engine.add_state_listener(lambda s: published.append((s.state, s.queue_depth, s.running)))
+    seen: list[tuple[str, int, int, tuple[str, int, int]]] = []
+
+    def sink(event: JobEvent) -> None:
+        if isinstance(event, Delta):
+            now = engine.state()
+            seen.append((now.state, now.queue_depth, now.running, published[-1]))
+
+    handle = engine.submit(ask("Tell a story.", GenerationParams(max_tokens=12, temperature=0)), sink)
+    assert handle.wait(60) and seen
+    assert engine.wait_idle(5)
+    assert all(s == ("busy", 0, 1, ("busy", 0, 1)) for s in seen), seen
+    assert published[-1] == ("idle", 0, 0)
+    assert ("busy", 0, 1) in published and all(p[0] == "busy" for p in published[:-1]), published
+
 @pytest.mark.parametrize(
     ("request_", "code"),
     [

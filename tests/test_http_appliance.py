@@ -103,3 +103,52 @@ def test_a_taken_http_port_leaves_mqtt_serving_and_says_why(
         finally:
             mqtt.close()
             app.stop()
+
+
+def test_state_health_and_telemetry_agree_while_a_job_runs(
+    tmp_path: Path, mqtt_broker, mqtt_base_topic: str, demo_bundle_fp32: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """A dashboard shows busy for as long as an answer is being written, and idle only after it."""
+    base = mqtt_base_topic
+    path = write_config(tmp_path, mqtt_broker.port, base, demo_bundle_fp32,
+                        http={"enabled": True, "host": "127.0.0.1", "port": 0}, engine={"max_active": 1})
+    app = Appliance(load_config(path, env={}))
+    app.start()
+    mqtt = Client(mqtt_broker.port)
+    try:
+        assert app.http is not None and app.engine.workers[0].loaded.wait(60)
+        assert app.link.subscribed.wait(10)
+        url = f"http://127.0.0.1:{app.http.bound_port}/health"
+        queue, running = f"{base}/telemetry/queue_depth", f"{base}/telemetry/running"
+        mqtt.subscribe(f"{base}/state", f"{base}/stream/long", f"{base}/response/chat", queue, running)
+        mqtt.wait(lambda: any(s["state"] == "idle" for s in mqtt.json(f"{base}/state")))
+        mqtt.publish(f"{base}/request/chat", {"id": "long", "prompt": "Tell a very long story.",
+                                             "stream": True, "max_tokens": 120, "temperature": 0.8,
+                                             "seed": 1})
+        mqtt.wait(lambda: bool(mqtt.messages[f"{base}/stream/long"]))
+        mqtt.wait(lambda: mqtt.json(f"{base}/state")[-1]["running"] == 1, timeout=5)
+        retained = mqtt.json(f"{base}/state")[-1]
+        health = httpx.get(url, timeout=5).json()
+        telemetry = app.telemetry.run()
+        mqtt.wait(lambda: mqtt.messages[running][-1].payload == b"1", timeout=5)
+        assert not mqtt.messages[f"{base}/response/chat"], "the job must still run while this is checked"
+        assert (retained["state"], retained["running"], retained["queue_depth"]) == ("busy", 1, 0)
+        assert (health["state"], health["running"], health["queue_depth"]) == ("busy", 1, 0)
+        assert (telemetry["state"], telemetry["running"], telemetry["queue_depth"]) == ("busy", 1, 0)
+        assert mqtt.messages[queue][-1].payload == b"0", "what Home Assistant's queue sensor reads"
+
+        mqtt.wait(lambda: bool(mqtt.messages[f"{base}/response/chat"]))
+        mqtt.wait(lambda: mqtt.json(f"{base}/state")[-1]["state"] == "idle", timeout=5)
+        replied_at = mqtt.messages[f"{base}/response/chat"][0].timestamp
+        states = [(m.timestamp, json.loads(m.payload)) for m in mqtt.messages[f"{base}/state"]]
+        first_busy = next(t for t, s in states if s["running"] == 1)
+        during = [s for t, s in states if first_busy <= t < replied_at]
+        assert all((s["state"], s["running"]) == ("busy", 1) for s in during), during
+        final_at, final = states[-1]
+        assert (final["state"], final["running"], final["queue_depth"]) == ("idle", 0, 0)
+        assert final_at >= replied_at, "idle comes only once the answer was sent"
+        assert httpx.get(url, timeout=5).json()["running"] == 0
+        assert mqtt.messages[running][-1].payload == b"0"
+    finally:
+        mqtt.close()
+        app.stop()

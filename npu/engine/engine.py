@@ -102,35 +102,27 @@ class Engine:
         self._paused_reason: str | None = None
         self._stopping = False
         self._last_state: EngineState | None = None
+        # Held while a state is computed and handed to the listeners, so the last one published is
+        # always the newest (two threads notifying at once never leave an older state retained).
+        self._notify_lock = threading.RLock()
+        # Jobs a worker took from the queue that have not ended: what ``running`` counts. Taking a
+        # job and counting it happen under one lock, so no moment shows it neither waiting nor running.
+        self._taken = 0
         self._durations: list[float] = []
         self.jobs_done = 0
         self.jobs_failed = 0
-        self.metrics = EngineMetrics(lambda: len(self._queue), self._running)
+        self.metrics = EngineMetrics(lambda: len(self._queue), lambda: self._taken)
         self.workers = [self._new_worker(device_id) for device_id in device_ids]
-        # PNG/JPEG encoding is host work: done here, the device runs the next step meanwhile.
+        # PNG/JPEG encoding is host work: done here, the device runs the next step meanwhile. A job
+        # being encoded was taken and has not ended, so the state still counts it as running.
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-encode")
-        self._encoding = 0  # jobs whose picture is being encoded: still running for the state
-
-    def _running(self) -> int:
-        return sum(w.running for w in self.workers) + self._encoding
 
     def encode_later(self, work: Callable[[], None]) -> None:
         """Run ``work`` (a job's image encoding and its final event) on the encoder thread."""
-        with self._lock:
-            self._encoding += 1
-
-        def run() -> None:
-            try:
-                work()
-            finally:
-                with self._lock:
-                    self._encoding -= 1
-                self._notify_state()
-
         try:
-            self._encoder.submit(run)
+            self._encoder.submit(work)
         except RuntimeError:  # stopping, after a worker's join timed out: encode here, answer the job
-            run()
+            work()
 
     def _new_worker(self, device_id: int) -> DeviceWorker:
         worker = DeviceWorker(device_id, self.models_list, self, loader=self.loader,
@@ -314,11 +306,13 @@ class Engine:
         return infos
 
     def state(self) -> EngineState:
+        """The one snapshot of the engine that ``{base}/state``, ``/health``, telemetry and Home
+        Assistant show: waiting and running jobs are counted under one lock hold."""
         with self._lock:
             depth = len(self._queue)
+            running = self._taken
             paused = self._paused_reason
             stopping = self._stopping
-        running = self._running()
         hot = [w for w in self.workers if w.thermal >= ThermalLevel.PAUSE]
         if stopping:
             name = "stopped"
@@ -359,8 +353,21 @@ class Engine:
             if not self._ready_locked(worker):
                 return None
             _, _, job = heapq.heappop(self._queue)
+            job.taken = True
+            self._taken += 1
         self._notify_state()
         return job
+
+    def job_ended(self, job: WorkerJob) -> None:
+        """A taken job was answered: it no longer counts as running (a worker calls this last)."""
+        with self._lock:
+            self._untake_locked(job)
+        self._notify_state()
+
+    def _untake_locked(self, job: WorkerJob) -> None:
+        if job.taken:
+            job.taken = False
+            self._taken -= 1
 
     def _ready_locked(self, worker: DeviceWorker) -> bool:
         return (
@@ -439,6 +446,8 @@ class Engine:
         for job in jobs:
             (give_up if job.attempts >= 1 else retry).append(job)
         with self._work:
+            for job in jobs:
+                self._untake_locked(job)
             for job in retry:
                 job.attempts += 1
                 job.resume = "".join(job.parts)
@@ -519,17 +528,18 @@ class Engine:
             ErrorCode.UNAVAILABLE, f"model {model_id!r} is not loaded yet; retry shortly", retry_after=5
         )
 
-    def _notify_state(self) -> None:
-        state = self.state()
-        with self._lock:
-            if state == self._last_state:
+    def _notify_state(self, force: bool = False) -> None:
+        """Hand the state to the listeners when it changed (or always, ``force``: a reconnect)."""
+        with self._notify_lock:
+            state = self.state()
+            if state == self._last_state and not force:
                 return
             self._last_state = state
-        for listener in list(self._listeners):
-            try:
-                listener(state)
-            except Exception:
-                logger.exception("state listener failed")
+            for listener in list(self._listeners):
+                try:
+                    listener(state)
+                except Exception:
+                    logger.exception("state listener failed")
 
     notify_state = _notify_state
 

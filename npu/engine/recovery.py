@@ -84,7 +84,7 @@ class Recovery(threading.Thread):
                     engine.end_recovery(device)
                     return
                 last_error = fresh.reason or "the models did not load in time"
-                fresh.take_jobs()
+                engine.requeue_after_fault(fresh.take_jobs())
                 self.worker = fresh  # the next attempt reboots, then closes what it loaded
             logger.error("device %d: recovery attempt %d failed: %s", device, attempt, last_error)
             engine.emit_event("recovery_attempt_failed", device=device, attempt=attempt, error=last_error)

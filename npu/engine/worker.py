@@ -87,6 +87,7 @@ class WorkerJob:
     tokens_counted: int = 0
     stream: Iterator[GenerationResponse] | Iterator[ImageStep] | None = None
     parts: list[str] = field(default_factory=list)
+    taken: bool = False  # taken from the queue by a worker and not yet ended (the engine's count)
 
 
 class DeviceWorker(threading.Thread):
@@ -119,10 +120,6 @@ class DeviceWorker(threading.Thread):
         self._reload: tuple[str | None, threading.Event] | None = None
 
     # status, read from other threads ---------------------------------------------------------
-    @property
-    def running(self) -> int:
-        return len(self._active)
-
     @property
     def accepting(self) -> bool:
         limit = 1 if self.thermal >= ThermalLevel.THROTTLE else self.max_active
@@ -429,4 +426,4 @@ class DeviceWorker(threading.Thread):
             job.handle.finish(event)
         except Exception:
             logger.exception("sink of job %s failed on its final event", job.handle.id)
-        self.engine.notify_state()
+        self.engine.job_ended(job)  # after the answer: the state says idle only once a job is done
