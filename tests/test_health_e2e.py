@@ -4,6 +4,7 @@ Mosquitto, real subscribers."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +131,35 @@ def test_a_dead_card_ends_failed_and_every_request_gets_a_clear_error(  # type: 
     finally:
         c.close()
 
+
+
+def test_reload_on_a_failed_card_is_answered_and_leaves_no_thread(  # type: ignore[no-untyped-def]
+    sim_app, mqtt_broker, mqtt_base_topic: str,
+) -> None:
+    base = mqtt_base_topic
+    app = sim_app()
+    c = Client(mqtt_broker.port)
+    try:
+        c.subscribe(f"{base}/state", f"{base}/response/reload", f"{base}/response/restart")
+        c.publish(f"{base}/request/sim", {"fault": "dead"})
+        c.wait(lambda: any(m.get("state") == "failed" for m in c.json(f"{base}/state")), timeout=30)
+        threads = {t.ident for t in threading.enumerate()}
+        for i in range(5):
+            c.publish(f"{base}/request/reload", {"id": f"r{i}"})
+        c.wait(lambda: len(c.json(f"{base}/response/reload")) == 5, timeout=10)
+        for reply in c.json(f"{base}/response/reload"):
+            assert reply["status"] == "error" and reply["error"]["code"] == "unavailable", reply
+            assert "has failed" in reply["error"]["message"] and "restart" in reply["error"]["message"]
+        deadline = time.monotonic() + 5
+        while {t.ident for t in threading.enumerate()} - threads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not {t.name for t in threading.enumerate() if t.ident not in threads}, "no thread left behind"
+        c.publish(f"{base}/request/sim", {"fault": "none"})  # the card is back: the advice works
+        c.publish(f"{base}/request/restart", {"id": "again"})
+        c.wait(lambda: c.json(f"{base}/state")[-1]["state"] == "idle", timeout=60)
+        assert app.engine.state().state == "idle"
+    finally:
+        c.close()
 
 def test_thermal_transitions_are_events_and_pause_holds_jobs(  # type: ignore[no-untyped-def]
     sim_app, mqtt_broker, mqtt_base_topic: str,

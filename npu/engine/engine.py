@@ -276,16 +276,49 @@ class Engine:
         self._notify_state()
 
     def reload(self, model_id: str | None = None, timeout: float | None = None) -> None:
-        """Reload resident models on every device once running jobs finish; queued jobs wait."""
+        """Reload resident models on every device once running jobs finish; queued jobs wait.
+
+        Refused at once, saying what to do, when no worker would carry it out (a failed or
+        recovering device, a stop): the caller would otherwise wait for ever.
+        """
         if model_id is not None and model_id not in self.specs:
             raise EngineError(ErrorCode.MODEL_NOT_FOUND, f"no model {model_id!r} here")
-        done = [worker.request_reload(model_id) for worker in self.workers]
+        self._check_reloadable()
+        done = [(worker, worker.request_reload(model_id)) for worker in list(self.workers)]
         with self._work:
             self._work.notify_all()
         self._notify_state()
-        for event in done:
-            event.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker, event in done:
+            while not event.wait(0.1):
+                if worker.abandoned or not worker.is_alive() or self._stopping:
+                    raise EngineError(ErrorCode.UNAVAILABLE, (
+                        f"device {worker.device_id} stopped or was taken over by a recovery during the "
+                        "reload; the state says what follows"), retry_after=5)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise EngineError(ErrorCode.TIMEOUT, f"the reload did not finish within {timeout:g} s")
         self._notify_state()
+
+    def _check_reloadable(self) -> None:
+        with self._lock:
+            failed, recovering, stopping = dict(self._failed), sorted(self._recovering), self._stopping
+        if stopping:
+            raise EngineError(ErrorCode.UNAVAILABLE, STOPPING, retry_after=5)
+        if failed:
+            device, why = next(iter(failed.items()))
+            raise EngineError(ErrorCode.UNAVAILABLE, (
+                f"NPU device {device} has failed ({why}), so its models cannot be reloaded; send "
+                "'restart' to reset the card and load the models again, and if that fails too, reseat "
+                "the card or restart the host"))
+        if recovering:
+            raise EngineError(ErrorCode.UNAVAILABLE, (
+                f"NPU device {recovering[0]} is being recovered, which reloads its models; retry once the "
+                "state is idle"), retry_after=5)
+        gone = [w.device_id for w in self.workers if w.abandoned or not w.is_alive()]
+        if gone:
+            raise EngineError(ErrorCode.UNAVAILABLE, (
+                f"the worker of NPU device {gone[0]} is not running; send 'restart' to reset the card "
+                "and load the models again"))
 
     def models(self) -> list[ModelInfo]:
         infos = []
