@@ -4,6 +4,7 @@ Mosquitto, real subscribers."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -68,6 +69,43 @@ def test_telemetry_reaches_a_subscriber_as_json_and_bare_numbers(  # type: ignor
     finally:
         late.close()
 
+
+
+def strict_json(payload: bytes) -> Any:
+    """JSON as every other parser reads it: Infinity and NaN are not numbers there."""
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in a JSON message")
+    return json.loads(payload, parse_constant=refuse)
+
+
+def test_a_card_reading_infinity_is_null_not_a_500(  # type: ignore[no-untyped-def]
+    sim_app, mqtt_broker, mqtt_base_topic: str,
+) -> None:
+    base = mqtt_base_topic
+    app = sim_app(http={"enabled": True, "host": "127.0.0.1", "port": 0})
+    assert app.http is not None
+    c = Client(mqtt_broker.port)
+    try:
+        c.subscribe(f"{base}/telemetry", f"{base}/telemetry/+")
+        app.monitor.set(0, temperature_c=float("inf"), npu_load_pct=float("nan"))
+        deadline = time.monotonic() + 10
+        while getattr(app.engine.readings.get(0), "temperature_c", 50.0) == 50.0:
+            assert time.monotonic() < deadline, "the health job never read the card"
+            time.sleep(0.05)
+        health = httpx.get(f"http://127.0.0.1:{app.http.bound_port}/health", timeout=5)
+        assert health.status_code == 200, health.text
+        (device,) = strict_json(health.content)["devices"]
+        assert device["temperature_c"] is None and device["npu_load_pct"] is None
+        assert "temperature_c" in device["error"], "the reading says why the value is unknown"
+        payload = app.telemetry.run()
+        assert payload["temperature_c"] is None and payload["npu_load_pct"] is None
+        c.wait(lambda: any(strict_json(m.payload)["temperature_c"] is None
+                           for m in c.messages[f"{base}/telemetry"]))
+        for name in ("temperature_c", "npu_load_pct"):
+            values = [m.payload.decode() for m in c.messages[f"{base}/telemetry/{name}"]]
+            assert all(math.isfinite(float(v)) for v in values), values
+    finally:
+        c.close()
 
 def test_a_hang_set_over_mqtt_is_recovered_with_events_and_health(  # type: ignore[no-untyped-def]
     sim_app, mqtt_broker, mqtt_base_topic: str,

@@ -8,7 +8,8 @@ attempt.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
 
@@ -37,6 +38,17 @@ class DeviceReading:
     cpu_load_pct: float | None = None
     alive: bool = True
     error: str | None = None  # why some value is unknown
+
+    def __post_init__(self) -> None:
+        """A non-finite figure (a sensor answering inf or NaN) is unknown: ``None``, never a number
+        that JSON cannot carry (``/health`` would fail) or a dashboard would plot."""
+        bad = [f.name for f in fields(self) if isinstance(v := getattr(self, f.name), float)
+               and not math.isfinite(v)]
+        for name in bad:
+            object.__setattr__(self, name, None)
+        if bad:
+            note = f"not a finite reading: {', '.join(bad)}"
+            object.__setattr__(self, "error", f"{self.error}; {note}" if self.error else note)
 
     @property
     def cmm_free_mib(self) -> float | None:
