@@ -6,10 +6,16 @@ delivered when it returns), announces availability on ``{base}/status`` (Last Wi
 ``online`` on every connect, ``stopped`` on a clean stop), subscribes in ``on_connect`` so a
 reconnect resubscribes, and hands every inbound message to the application as an immutable
 ``InboundMessage`` on a queue. The paho network thread never runs handlers; it only enqueues.
+
+Acknowledgements are manual: a QoS 1 or 2 request is acknowledged to the broker only when the
+application calls ``InboundMessage.ack`` (after journaling or answering it), so until then the
+broker keeps it and delivers it again after a crash. ``publish(..., on_delivered=...)`` calls back
+when the broker has acknowledged a QoS 1 message, which marks a journaled reply delivered.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
@@ -17,7 +23,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -75,6 +81,9 @@ class InboundMessage:
     message_expiry: int | None
     received_at: float
     qos: int
+    dup: bool = False  # the broker delivers it again (it may have been seen before)
+    ack: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    replayed: Any = None  # a request run again from the journal after a restart
 
 
 class MqttLink:
@@ -117,6 +126,10 @@ class MqttLink:
         self._started = False
         self._stopping = False
         self._client: mqtt.Client | None = None
+        self._generation = 0  # bumped on every connect: packet ids of an old connection are stale
+        self._delivery_lock = threading.Lock()  # never held while calling paho
+        self._on_delivered: dict[int, Callable[[], None]] = {}
+        self._acked_early: set[int] = set()  # PUBACKs that beat their registration
 
     @property
     def is_v5(self) -> bool:
@@ -139,6 +152,7 @@ class MqttLink:
                 client_id=s.client_id,
                 protocol=MQTTProtocolVersion.MQTTv311,
                 clean_session=False,
+                manual_ack=True,
             )
         if getattr(s, "username", None):
             client.username_pw_set(s.username, getattr(s, "password", None))
@@ -158,6 +172,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         self._client = client
 
         keepalive = int(getattr(s, "keepalive", 60) or 60)
@@ -206,12 +221,15 @@ class MqttLink:
         qos: int = 1,
         retain: bool = False,
         properties: PublishProperties | Properties | None = None,
+        *,
+        on_delivered: Callable[[], None] | None = None,
     ) -> bool:
         """Queue a message for the broker; thread-safe and never blocks.
 
         Dicts and lists are sent as JSON, numbers as text. QoS 1 messages published while the
-        broker is away are kept in memory and sent after the reconnect. Returns False when paho
-        refused the message outright.
+        broker is away are kept in memory and sent after the reconnect. ``on_delivered`` (QoS 1)
+        is called on the network thread once the broker acknowledged the message; keep it short.
+        Returns False when paho refused the message outright.
         """
         client = self._client
         if client is None:
@@ -224,7 +242,45 @@ class MqttLink:
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             logger.error("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
             return False
+        if on_delivered is not None and qos > 0:
+            with self._delivery_lock:
+                early = info.mid in self._acked_early
+                if early:
+                    self._acked_early.discard(info.mid)
+                else:
+                    self._on_delivered[info.mid] = on_delivered
+            if early:
+                self._call_delivered(on_delivered)
         return True
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any,
+                    properties: Any) -> None:
+        with self._delivery_lock:
+            callback = self._on_delivered.pop(mid, None)
+            if callback is None:
+                self._acked_early.add(mid)
+                if len(self._acked_early) > 4096:  # PUBACKs nobody waits for (plain publishes)
+                    self._acked_early.clear()
+        if callback is not None:
+            self._call_delivered(callback)
+
+    @staticmethod
+    def _call_delivered(callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:
+            logger.exception("delivery callback failed")
+
+    def _ack(self, generation: int, mid: int, qos: int) -> None:
+        """Acknowledge one received message, unless its connection is gone.
+
+        After a reconnect the broker delivers an unacknowledged message again (with the DUP
+        flag); that delivery is the one to acknowledge, so a stale packet id is never sent.
+        """
+        client = self._client
+        if client is None or generation != self._generation or not self.connected.is_set():
+            return
+        client.ack(mid, qos)
 
     def _publish_properties(self, properties: PublishProperties | Properties | None) -> Properties | None:
         if properties is None or not self.is_v5:
@@ -253,6 +309,7 @@ class MqttLink:
             return
         session = getattr(flags, "session_present", False)
         logger.info("MQTT connected (session present: %s)", session)
+        self._generation += 1
         self.connected.set()
         client.publish(self.topics.status, "online", qos=1, retain=True)
         filters = [*self.topics.subscriptions(), *self.extra_topics]
@@ -291,6 +348,9 @@ class MqttLink:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             item = message_from_paho(msg)
+            if msg.qos > 0:
+                generation, mid, qos = self._generation, msg.mid, msg.qos
+                item = dataclasses.replace(item, ack=lambda: self._ack(generation, mid, qos))
             self.inbound.put_nowait(item)
         except queue.Full:
             logger.error("inbound queue full; dropped a message on %s", msg.topic)
@@ -312,6 +372,7 @@ def message_from_paho(msg: mqtt.MQTTMessage) -> InboundMessage:
         message_expiry=int(expiry) if expiry is not None else None,
         received_at=time.monotonic(),
         qos=int(msg.qos),
+        dup=bool(getattr(msg, "dup", False)),
     )
 
 

@@ -3,7 +3,12 @@
 Every topic the process publishes to or subscribes to comes from ``Topics``; nothing else builds
 topic strings. The prefix is added on the way out and stripped on the way in (``request_kind``).
 ``check_reply_topic`` guards caller-chosen reply topics so a request can never make the appliance
-publish onto its own tree, a wildcard, or Home Assistant's discovery prefix.
+publish outside the reply space ``replies/<sender>/...``.
+
+Senders: a request on ``{base}/request/<op>`` is public (its answer goes to the shared
+``{base}/response/<op>``); one on ``{base}/request/<op>/<sender>`` comes from ``<sender>``, a name
+the broker's ACL pins to the MQTT user (``scripts/mosquitto_users``), and is answered only in that
+sender's own reply space ``replies/<sender>/``, which the ACL lets no one else read.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ MAX_TOPIC_BYTES = 65535
 HA_PREFIX = "homeassistant"
 # Sub-trees of {base} a caller may never name as a reply topic: they carry retained state, requests
 # or streams that other clients trust to come from the appliance itself.
-PROTECTED_LEVELS = ("request", "status", "display", "info", "state", "telemetry", "event", "stream")
+REPLY_SPACE = "replies"  # replies/<sender>/...: the only topics a caller may name for its replies
 _BAD_LEVEL_CHARS = ("/", "+", "#", "\x00")
 
 
@@ -128,16 +133,23 @@ class Topics:
 
     # inbound ----------------------------------------------------------------------------------
     def subscriptions(self) -> list[str]:
-        """Topic filters the link subscribes to (QoS 1) on every connect."""
-        topic = f"{self.base}/request/+"
+        """Topic filters the link subscribes to (QoS 1) on every connect: public and named requests."""
+        filters = [f"{self.base}/request/+", f"{self.base}/request/+/+"]
         if self.shared_group:
-            topic = f"$share/{self.shared_group}/{topic}"
-        return [topic]
+            filters = [f"$share/{self.shared_group}/{f}" for f in filters]
+        return filters
 
     def request_kind(self, topic: str) -> str | None:
-        """The request kind of an inbound topic (``{base}/request/chat`` -> ``chat``), else None.
+        """The request kind of an inbound topic (``{base}/request/chat`` -> ``chat``), else None."""
+        parsed = self.parse_request(topic)
+        return parsed[0] if parsed is not None else None
 
-        A ``$share/<group>/`` prefix is tolerated: brokers deliver the plain topic, but be lenient.
+    def parse_request(self, topic: str) -> tuple[str, str | None] | None:
+        """``(kind, sender)`` of an inbound request topic, else None.
+
+        ``{base}/request/chat`` -> ``("chat", None)`` (public); ``{base}/request/chat/arduino-7``
+        -> ``("chat", "arduino-7")``. A ``$share/<group>/`` prefix is tolerated: brokers deliver
+        the plain topic, but be lenient.
         """
         if topic.startswith("$share/"):
             parts = topic.split("/", 2)
@@ -145,14 +157,28 @@ class Topics:
         prefix = self.request_prefix
         if not topic.startswith(prefix):
             return None
-        kind = topic[len(prefix):]
-        if not kind or "/" in kind:
+        levels = topic[len(prefix):].split("/")
+        if len(levels) > 2 or any(not level for level in levels):
             return None
-        return kind
+        return levels[0], (levels[1] if len(levels) == 2 else None)
 
-    def check_reply_topic(self, topic: str) -> str | None:
-        """Why ``topic`` may not receive a reply (None when it may)."""
-        return check_reply_topic(topic, self.base)
+    # replies ----------------------------------------------------------------------------------
+    @staticmethod
+    def reply_space(sender: str) -> str:
+        """``replies/<sender>``: where a named sender's answers go, readable by it alone."""
+        reason = check_topic_level(sender, "sender")
+        if reason is not None:
+            raise ValueError(reason)
+        return f"{REPLY_SPACE}/{sender}"
+
+    def sender_response(self, sender: str, kind: str) -> str:
+        """A named sender's default reply topic, ``replies/<sender>/<kind>``."""
+        self._require_level(kind, "request kind")
+        return f"{self.reply_space(sender)}/{kind}"
+
+    def check_reply_topic(self, topic: str, sender: str | None = None) -> str | None:
+        """Why ``topic`` may not receive ``sender``'s reply (None when it may)."""
+        return check_reply_topic(topic, sender)
 
     @staticmethod
     def _require_level(value: str, what: str) -> None:
@@ -161,28 +187,29 @@ class Topics:
             raise ValueError(reason)
 
 
-def check_reply_topic(topic: str, base: str) -> str | None:
+def check_reply_topic(topic: str, sender: str | None = None) -> str | None:
     """Refusal reason for a caller-chosen reply topic, or None when it is acceptable.
 
-    Refused: empty, wildcards ``+``/``#``, NUL, leading ``$`` (broker-internal), over 65535 bytes,
-    the appliance's own request/status/display/info/state/telemetry/event/stream trees, and
-    ``homeassistant/``.
+    A reply topic must lie in the reply space: ``replies/<sender>`` or below it for a named sender,
+    ``replies/<name>`` or below for a public request (the ACL decides who reads ``<name>``). So
+    the appliance's own tree, other appliances' trees, ``homeassistant/``, ``$``-topics and
+    variants in case or with empty levels are all refused, as are wildcards and NUL.
     """
     if not topic:
         return "reply topic is empty"
+    shown = repr(topic[:128])
     if "+" in topic or "#" in topic:
-        return f"reply topic {topic[:128]!r} contains a wildcard (+ or #)"
+        return f"reply topic {shown} contains a wildcard (+ or #)"
     if "\x00" in topic:
         return "reply topic contains a NUL character"
-    if topic.startswith("$"):
-        return f"reply topic {topic[:128]!r} starts with $ (reserved for the broker)"
     if len(topic.encode("utf-8")) > MAX_TOPIC_BYTES:
         return f"reply topic is longer than {MAX_TOPIC_BYTES} bytes"
-    base = base.strip("/")
-    for level in PROTECTED_LEVELS:
-        root = f"{base}/{level}"
-        if topic == root or topic.startswith(root + "/"):
-            return f"reply topic {topic[:128]!r} falls under {root}, which the appliance owns"
-    if topic == HA_PREFIX or topic.startswith(HA_PREFIX + "/"):
-        return f"reply topic {topic[:128]!r} falls under {HA_PREFIX}/ (Home Assistant discovery)"
+    levels = topic.split("/")
+    if levels[0] != REPLY_SPACE or len(levels) < 2:
+        where = f"{REPLY_SPACE}/{sender}/..." if sender else f"{REPLY_SPACE}/<your name>/..."
+        return f"reply topic {shown} is outside the reply space: use {where}"
+    if any(not level for level in levels):
+        return f"reply topic {shown} has an empty level"
+    if sender is not None and levels[1] != sender:
+        return f"reply topic {shown} is not in your reply space {REPLY_SPACE}/{sender}/"
     return None

@@ -3,11 +3,13 @@
 The handler turns the payload into the engine's ``ChatRequest`` and returns at once; the engine's
 worker thread then calls the sink, which only publishes (paho queues; nothing blocks):
 
-- ``stream: true``: ``{id, seq, delta, done}`` on ``{base}/stream/<id>``, seq from 0, ending with
+- ``stream: true``: ``{id, seq, delta, done}`` on the stream topic (``{base}/stream/<id>`` for a
+  public request, ``<reply topic>/stream/<id>`` for a private one), seq from 0, ending with
   ``done: true`` and an empty delta (plus ``error`` when the job failed);
 - the final reply ``{id, status, data: {text, model, finish_reason, usage, ms}, error}``;
-- a plain-text copy on ``{base}/response/chat/text`` cut to ``max_bytes`` on a UTF-8 boundary for
-  microcontrollers (an error becomes ``error: <message>`` there, so they are never left waiting).
+- a plain-text copy on ``<reply topic>/text`` cut to ``max_bytes`` on a UTF-8 boundary for
+  microcontrollers (an error becomes ``error: <message>`` there, so they are never left waiting);
+  ``Reply`` sends it with the reply.
 
 Ids go into stream topics, so chat ids must be one topic level: ids with ``/``, ``+``, ``#`` or NUL
 are refused with ``bad_request``.
@@ -21,11 +23,11 @@ import logging
 import time
 from typing import Any
 
-from handlers.context import PENDING, HandlerContext, HandlerError, RequestMeta, default_text_bytes
+from handlers.context import PENDING, HandlerContext, HandlerError, RequestMeta, engine_request_id
 from handlers.payloads import ChatPayload, ImagePayload
-from handlers.reply import JobSink, Reply, cut_utf8
+from handlers.reply import JobSink, Reply
 from npu.engine.api import ChatRequest, Delta, Done, EngineError, Failed, JobEvent
-from npu.llm.params import GenerationParams
+from npu.llm.params import GenerationParams, max_prompt_chars
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,23 @@ def deadline_for(req: ChatPayload | ImagePayload, received_at: float, message_ex
     return min(candidates) if candidates else None
 
 
+def check_prompt_chars(model: str | None, messages: list[dict[str, str]], ctx: HandlerContext) -> None:
+    """Refuse a prompt too long for the model's context before the engine tokenizes it.
+
+    Tokenizing runs on the dispatcher's thread, and megabytes of text take seconds. A request
+    that names no model is held to the largest context, so this never refuses what could fit.
+    """
+    contexts = [m.context_length for m in ctx.engine.models()
+                if m.kind == "chat" and m.context_length and model in (None, m.id)]
+    if not contexts:
+        return  # an unknown model: the engine says so
+    context = max(contexts)
+    chars, limit = sum(len(m["content"]) for m in messages), max_prompt_chars(context)
+    if chars > limit:
+        raise HandlerError("context_length_exceeded", f"the prompt is {chars} characters; a model with a "
+                           f"context of {context} tokens reads at most {limit}")
+
+
 def check_chat_id(request_id: str | int) -> None:
     text = str(request_id)
     if not text:
@@ -70,15 +89,14 @@ def check_chat_id(request_id: str | int) -> None:
 
 
 class ChatSink(JobSink):
-    """Publishes the stream, the reply and the plain-text copy; never blocks."""
+    """Publishes the stream and completes the reply (with its text copy); never blocks."""
 
     def __init__(self, req: ChatPayload, ctx: HandlerContext, reply: Reply, request_id: str | int) -> None:
         super().__init__(reply, request_id)
         self.ctx = ctx
-        self.stream = req.stream
-        self.text_topic = ctx.topics.response_text(KIND)
-        self.max_bytes = req.max_bytes or default_text_bytes(self.text_topic)
-        self.stream_topic = ctx.topics.stream(str(request_id)) if req.stream else None
+        if req.max_bytes:
+            reply.max_text_bytes = req.max_bytes
+        self.stream_topic = reply.route.stream_topic(ctx.topics, str(request_id)) if req.stream else None
         self._seq = itertools.count()
 
     def _handle(self, event: JobEvent) -> None:
@@ -101,14 +119,12 @@ class ChatSink(JobSink):
                     "cached_tokens": usage.cached_tokens,
                 },
                 "ms": round(r.total_ms, 1),
-            })
-            self._text(r.text)
+            }, text=r.text)
         elif isinstance(event, Failed):
             err = event.error
             if self.stream_topic is not None:
                 self._stream("", done=True, error=err.code.value)
             reply_engine_error(self.reply, err)
-            self._text(f"error: {err.message}")
 
     def _stream(self, delta: str, *, done: bool, error: str | None = None) -> None:
         body: dict[str, Any] = {"id": self.request_id, "seq": next(self._seq), "delta": delta, "done": done}
@@ -116,9 +132,6 @@ class ChatSink(JobSink):
             body["error"] = error
         assert self.stream_topic is not None
         self.ctx.publish(self.stream_topic, body, qos=1)
-
-    def _text(self, text: str) -> None:
-        self.ctx.publish(self.text_topic, cut_utf8(text, self.max_bytes), qos=1)
 
 
 def reply_engine_error(reply: Reply, err: EngineError) -> None:
@@ -144,13 +157,14 @@ def handle_chat(req: ChatPayload, ctx: HandlerContext, reply: Reply, meta: Reque
         messages = [{"role": "user", "content": req.prompt}]
     else:
         raise HandlerError("bad_request", "the prompt is empty")
+    check_prompt_chars(req.model, messages, ctx)
     try:
         request = ChatRequest(
             model=req.model,
             messages=messages,
             params=params,
             deadline=deadline,
-            request_id=str(request_id),
+            request_id=engine_request_id(request_id, meta.sender),
         )
     except ValueError as exc:
         raise HandlerError("bad_request", str(exc)) from exc
@@ -160,7 +174,6 @@ def handle_chat(req: ChatPayload, ctx: HandlerContext, reply: Reply, meta: Reque
     except EngineError as err:
         if not reply.sent:
             reply_engine_error(reply, err)
-            sink._text(f"error: {err.message}")
         return PENDING
     logger.debug("chat %r queued (%s)", request_id, dataclasses.asdict(params))
     return PENDING

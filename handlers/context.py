@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from handlers.acceptance import JournalLike
 from npu.diffusion.image_encode import ImageFormat
 from npu.engine.api import EngineState, JobHandle, ModelInfo, Request, Sink
 
@@ -22,6 +23,7 @@ PUBSUBCLIENT_PACKET = 256  # Arduino PubSubClient's default buffer: the whole pa
 # QoS 1) + 1 byte of margin for PubSubClient's own bookkeeping.
 PUBLISH_OVERHEAD = 8
 MIN_TEXT_BYTES = 16
+DEFAULT_MAX_PAYLOAD = 65536  # bytes; mqtt.max_payload
 
 
 class PublishFn(Protocol):
@@ -32,6 +34,8 @@ class PublishFn(Protocol):
         qos: int = 1,
         retain: bool = False,
         properties: Mapping[str, Any] | None = None,
+        *,
+        on_delivered: Callable[[], None] | None = None,
     ) -> Any: ...
 
 
@@ -56,8 +60,9 @@ class TopicsLike(Protocol):
     def stream(self, request_id: str) -> str: ...
     def display(self, name: str) -> str: ...
     def display_meta(self, name: str) -> str: ...
-    def request_kind(self, topic: str) -> str | None: ...
-    def check_reply_topic(self, topic: str) -> str | None: ...
+    def sender_response(self, sender: str, kind: str) -> str: ...
+    def parse_request(self, topic: str) -> tuple[str, str | None] | None: ...
+    def check_reply_topic(self, topic: str, sender: str | None = None) -> str | None: ...
 
 
 def default_text_bytes(topic: str, packet: int = PUBSUBCLIENT_PACKET) -> int:
@@ -78,7 +83,7 @@ class Limits:
         reply_retain: never retain replies (kept as a knob for tests).
     """
 
-    max_payload: int = 256 * 1024
+    max_payload: int = DEFAULT_MAX_PAYLOAD
     request_timeout: float | None = None
     reply_retain: bool = False
 
@@ -101,6 +106,7 @@ class HandlerContext:
     limits: Limits = Limits()
     images: ImageDefaults = ImageDefaults()
     sim: Any = None  # the simulated card (``npu.device.sim.SimMonitor``) when device.backend is sim
+    journal: JournalLike | None = None  # durable acceptance of chat and image requests
 
 
 class HandlerError(Exception):
@@ -120,6 +126,16 @@ class RequestMeta:
     kind: str
     received_at: float  # time.monotonic() at receipt
     message_expiry: int | None = None  # MQTT 5 Message Expiry Interval left, seconds
+    sender: str | None = None  # the named sender of {base}/request/<op>/<sender>; None: public
+
+
+def engine_request_id(request_id: str | int, sender: str | None) -> str:
+    """The id a job carries in the engine: a named sender's ids live in their own namespace.
+
+    Public ids cannot contain ``/`` (they name stream topics), so ``<sender>/<id>`` can never be
+    reached by a public ``cancel``, and one sender cannot cancel another's job.
+    """
+    return str(request_id) if sender is None else f"{sender}/{request_id}"
 
 
 class _Pending:

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from handlers.context import PENDING, HandlerContext, HandlerError, RequestMeta
+from handlers.context import PENDING, HandlerContext, HandlerError, RequestMeta, engine_request_id
 from handlers.payloads import (
     CancelPayload,
     HealthPayload,
@@ -34,10 +34,13 @@ def _state(ctx: HandlerContext) -> dict[str, Any]:
 
 
 def handle_cancel(req: CancelPayload, ctx: HandlerContext, reply: Reply, meta: RequestMeta) -> dict[str, Any]:
-    """Cancel every job submitted with ``id``; the job itself then ends with ``cancelled``."""
+    """Cancel the sender's jobs submitted with ``id``; each then ends with ``cancelled``.
+
+    A named sender reaches only its own jobs, a public cancel only public ones.
+    """
     if req.id is None:
         raise HandlerError("bad_request", "cancel needs the id of the request to cancel")
-    count = ctx.engine.cancel(str(req.id))
+    count = ctx.engine.cancel(engine_request_id(req.id, meta.sender))
     return {"cancelled": count}
 
 

@@ -3,7 +3,8 @@
 The image goes, retained and as raw bytes, to ``{base}/display/<display>`` (MQTT 5 content type
 set), then its description, retained JSON, to ``{base}/display/<display>/meta``; a display that
 connects later still shows the latest picture. The reply carries the description, never the bytes.
-With ``stream: true`` progress goes to ``{base}/stream/<id>`` as ``{id, stage, step, steps, done}``.
+With ``stream: true`` progress goes to the request's stream topic (``{base}/stream/<id>``, or under
+a private reply topic) as ``{id, stage, step, steps, done}``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from typing import Any
 
 from handlers.chat import check_chat_id, deadline_for, reply_engine_error
-from handlers.context import PENDING, HandlerContext, HandlerError, RequestMeta
+from handlers.context import PENDING, HandlerContext, HandlerError, RequestMeta, engine_request_id
 from handlers.payloads import ImagePayload
 from handlers.reply import JobSink, Reply
 from npu.diffusion.params import ImageParams
@@ -44,7 +45,7 @@ class ImageSink(JobSink):
         self.req = req
         self.ctx = ctx
         self.display = display
-        self.stream_topic = ctx.topics.stream(str(request_id)) if req.stream else None
+        self.stream_topic = reply.route.stream_topic(ctx.topics, str(request_id)) if req.stream else None
 
     def _handle(self, event: JobEvent) -> None:
         if isinstance(event, ImageProgress):
@@ -86,7 +87,8 @@ def handle_image(req: ImagePayload, ctx: HandlerContext, reply: Reply, meta: Req
         format=req.format or defaults.format,
         quality=req.quality or defaults.quality, max_bytes=defaults.max_bytes,
     )
-    request = ImageRequest(params, model=req.model, deadline=deadline, request_id=str(request_id))
+    request = ImageRequest(params, model=req.model, deadline=deadline,
+                           request_id=engine_request_id(request_id, meta.sender))
     sink = ImageSink(req, ctx, reply, request_id, display)
     try:
         ctx.engine.submit(request, sink)

@@ -62,11 +62,13 @@ class Recorder:
         self.lock = threading.Lock()
 
     def __call__(self, topic: str, payload: Any, qos: int = 1, retain: bool = False,
-                 properties: dict[str, Any] | None = None) -> bool:
+                 properties: dict[str, Any] | None = None, on_delivered: Any = None) -> bool:
         assert "+" not in topic and "#" not in topic
         wire = encode_payload(payload)  # what the link would send: must always encode
         if isinstance(payload, dict):
             payload = json.loads(wire)
+        elif isinstance(payload, bytes) and payload.startswith(b"{"):  # a reply, JSON on the wire
+            payload = json.loads(payload)
         with self.lock:
             self.items.append((topic, payload, properties))
         return True
@@ -173,9 +175,12 @@ def test_plain_text_is_the_prompt() -> None:
     assert isinstance(req, ChatPayload) and req.prompt == "Why is the sky blue?" and req.id is None
 
 
-def test_unknown_fields_ignored_and_ids_echoed() -> None:
-    req = validate_payload(ChatPayload, {"id": 7, "prompt": "x", "colour": "red", "stop": "\n"}, "prompt")
+def test_unknown_fields_refused_by_name_and_ids_echoed() -> None:
+    req = validate_payload(ChatPayload, {"id": 7, "prompt": "x", "stop": "\n"}, "prompt")
     assert isinstance(req, ChatPayload) and req.id == 7 and req.stop == "\n"
+    with pytest.raises(PayloadError) as info:
+        validate_payload(ChatPayload, {"id": 7, "prompt": "x", "colour": "red"}, "prompt")
+    assert info.value.message == 'unknown field "colour"' and info.value.request_id == 7
 
 
 @pytest.mark.parametrize(
@@ -204,9 +209,9 @@ def test_broken_json_and_bad_utf8() -> None:
 
 # routing and cuts -------------------------------------------------------------------------------
 def test_routing_order_and_refusals() -> None:
-    r = route_reply(TOPICS, "chat", "client/r5", b"cd", reply_to="client/r3")
-    assert (r.topic, r.correlation_data, r.refused) == ("client/r5", b"cd", None)
-    assert route_reply(TOPICS, "chat", None, None, "client/r3").topic == "client/r3"
+    r = route_reply(TOPICS, "chat", "replies/r5", b"cd", reply_to="replies/r3")
+    assert (r.topic, r.correlation_data, r.refused) == ("replies/r5", b"cd", None)
+    assert route_reply(TOPICS, "chat", None, None, "replies/r3").topic == "replies/r3"
     assert route_reply(TOPICS, "chat").topic == "appliance/response/chat"
     for bad in ("appliance/status", "homeassistant/x", "a/#", "$SYS/x", ""):
         r = route_reply(TOPICS, "chat", None, None, bad)
@@ -254,18 +259,20 @@ def test_default_text_bytes_fits_pubsubclient() -> None:
 def test_chat_stream_reply_and_text_copy(mode: str) -> None:
     disp, engine, rec = make(mode)
     ask(disp, "chat", {"id": "q1", "prompt": "hi", "stream": True, "max_bytes": 4, "seed": 3, "stop": "x"},
-        response_topic="client/r", correlation_data=b"c1")
+        response_topic="replies/r", correlation_data=b"c1")
     [(topic, body, props)] = rec.wait_finals()
     engine.join()
-    assert topic == "client/r" and props == {"correlation_data": b"c1"}
+    assert topic == "replies/r" and props == {"correlation_data": b"c1"}
     assert body == {"id": "q1", "status": "ok", "error": None, "data": {
         "text": "héllo wörld", "model": "stub", "finish_reason": "stop", "ms": 12.3,
         "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8, "cached_tokens": 1}}}
-    stream = rec.on("appliance/stream/q1")
+    # A private reply's stream and text copy stay under its own topic, never the shared ones.
+    stream = rec.on("replies/r/stream/q1")
     assert [m["seq"] for m in stream] == [0, 1, 2]
     assert "".join(m["delta"] for m in stream) == "héllo wörld"
     assert stream[-1] == {"id": "q1", "seq": 2, "delta": "", "done": True}
-    assert rec.on("appliance/response/chat/text") == ["hél".encode()]  # 4 bytes -> 'hé' + 'l'
+    assert rec.on("replies/r/text") == ["hél".encode()]  # 4 bytes -> 'hé' + 'l'
+    assert not rec.on("appliance/stream/q1") and not rec.on("appliance/response/chat/text")
     req = engine.submitted[0]
     assert req.request_id == "q1" and req.messages == [{"role": "user", "content": "hi"}]
     assert req.params.seed == 3 and req.params.stop == ("x",)
@@ -320,11 +327,11 @@ def test_chat_deadline_from_expiry_and_timeout() -> None:
 # wrapper ----------------------------------------------------------------------------------------
 def test_wrapper_errors() -> None:
     disp, _, rec = make(max_payload=64)
-    ask(disp, "chat", {"id": "big", "prompt": "x" * 100}, response_topic="client/big")
+    ask(disp, "chat", {"id": "big", "prompt": "x" * 100}, response_topic="replies/big")
     ask(disp, "frobnicate", {"id": 9})
     ask(disp, "chat", b'{"id": "broken"')
     finals = rec.finals()
-    assert finals[0][0] == "client/big" and finals[0][1]["error"]["code"] == "payload_too_large"
+    assert finals[0][0] == "replies/big" and finals[0][1]["error"]["code"] == "payload_too_large"
     assert finals[0][1]["id"] is None
     assert finals[1][0] == "appliance/response/frobnicate" and finals[1][1]["id"] == 9
     assert finals[1][1]["error"]["code"] == "unknown_op"
@@ -381,7 +388,7 @@ chat_fields = st.fixed_dictionaries({}, optional={
                                                 "content": st.text(max_size=8)}), max_size=2) | json_value,
     "temperature": st.floats(-1, 3) | json_value, "max_tokens": st.integers(-2, 50) | json_value,
     "top_p": st.floats(0, 1.5), "stream": st.booleans() | json_value, "stop": json_value,
-    "reply_to": st.sampled_from(["client/r", "appliance/request/x", "a/#", ""]) | json_value,
+    "reply_to": st.sampled_from(["replies/r", "appliance/request/x", "a/#", ""]) | json_value,
     "max_bytes": st.integers(-1, 40), "timeout_s": st.floats(-1, 100),
     "model": json_value, "seed": json_value,
 })
@@ -402,7 +409,7 @@ MODES = ["sync_done", "thread_done", "thread_failed", "sync_failed", "busy", "mo
     kind=st.sampled_from(KINDS),
     raw=payloads,
     mode=st.sampled_from(MODES),
-    response_topic=st.sampled_from([None, None, "client/rt", "appliance/status", "x/+"]),
+    response_topic=st.sampled_from([None, None, "replies/rt", "appliance/status", "x/+"]),
     correlation=st.one_of(st.none(), st.binary(max_size=4)),
     expiry=st.one_of(st.none(), st.integers(0, 100)),
 )

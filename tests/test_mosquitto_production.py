@@ -31,7 +31,8 @@ class Broker:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         subprocess.run([str(ROOT / "scripts/mosquitto_users"), "--dir", str(folder / "etc"),
-                        "--user", "arduino-7:prompter"], check=True, capture_output=True)
+                        "--user", "arduino-7:prompter", "--user", "arduino-8:prompter"],
+                       check=True, capture_output=True)
         self.passwords = dict(line.split(":", 1) for line in (folder / "etc/credentials").read_text().split())
         self.port, self.tls_port, self.ws_port = free_port(), free_port(), free_port()
         conf = (ROOT / "mosquitto/production.conf").read_text()
@@ -131,9 +132,11 @@ def test_anonymous_and_wrong_passwords_are_refused(broker: Broker) -> None:
 
 # role: (may publish, may read); concrete topics, so reading is checked by delivery.
 ALLOWED: dict[str, tuple[list[str], list[str]]] = {
-    "prompter": (["appliance/request/chat", "appliance/request/image"],
-                 ["appliance/response/chat", "appliance/response/chat/text", "appliance/stream/a1",
-                  "appliance/status", "replies/arduino-7"]),
+    "prompter": (["appliance/request/chat/prompter", "appliance/request/image/prompter",
+                  "appliance/request/cancel/prompter"],
+                 ["replies/prompter/chat", "replies/prompter/chat/text", "replies/prompter/chat/stream/a1",
+                  "appliance/status"]),
+    "arduino-7": (["appliance/request/chat/arduino-7"], ["replies/arduino-7/chat", "replies/arduino-7/x/y"]),
     "display": ([], ["appliance/display/main", "appliance/display/main/meta", "appliance/status"]),
     "dashboard": (["appliance/request/chat"],
                   ["appliance/telemetry", "appliance/telemetry/queue_depth", "appliance/status",
@@ -149,8 +152,16 @@ ALLOWED: dict[str, tuple[list[str], list[str]]] = {
 # role: (must not publish, must not read)
 DENIED: dict[str, tuple[list[str], list[str]]] = {
     "prompter": (["appliance/status", "appliance/display/main", "appliance/request/restart",
-                  "appliance/telemetry/queue_depth", "homeassistant/device/x/config"],
-                 ["appliance/display/main", "appliance/request/chat", "appliance/event"]),
+                  "appliance/telemetry/queue_depth", "homeassistant/device/x/config",
+                  # in public, or in another sender's name
+                  "appliance/request/chat", "appliance/request/cancel", "appliance/request/chat/arduino-7",
+                  "appliance/request/cancel/arduino-7", "replies/prompter/chat"],
+                 ["appliance/display/main", "appliance/request/chat", "appliance/event",
+                  # the shared answers and streams, and every other sender's replies
+                  "appliance/response/chat", "appliance/response/chat/text", "appliance/stream/a1",
+                  "replies/arduino-7/chat", "replies/arduino-7/chat/text", "replies/x"]),
+    "arduino-7": (["appliance/request/chat/arduino-8", "appliance/request/chat/prompter"],
+                  ["replies/arduino-8/chat", "replies/prompter/chat"]),
     "display": (["appliance/request/chat", "appliance/request/image", "appliance/display/main"],
                 ["appliance/request/chat", "appliance/telemetry/queue_depth", "appliance/response/chat"]),
     "dashboard": (["appliance/status", "appliance/request/restart", "appliance/display/main"],
@@ -209,9 +220,11 @@ def test_a_refused_prompt_never_reaches_the_appliance(broker: Broker) -> None:
     appliance = Session(broker, "appliance")
     display, sensor = Session(broker, "display"), Session(broker, "arduino-7")
     try:
-        assert appliance.can_subscribe("appliance/request/+")
+        assert appliance.can_subscribe("appliance/request/#")
         display.can_publish("appliance/request/chat", "from a display")
-        sensor.can_publish("appliance/request/chat", "from a sensor")
+        sensor.can_publish("appliance/request/chat", "in public, which a prompter may not")
+        sensor.can_publish("appliance/request/chat/arduino-8", "in another's name")
+        sensor.can_publish("appliance/request/chat/arduino-7", "from a sensor")
         with appliance.cond:
             assert appliance.cond.wait_for(lambda: appliance.messages, 5)
         time.sleep(0.3)
@@ -225,31 +238,83 @@ def test_tls_and_websockets_listeners(broker: Broker) -> None:
     tls = Session(broker, "prompter", tls=True)
     ws = Session(broker, "dashboard", transport="websockets")
     try:
-        assert not tls.connack.is_failure and tls.can_publish("appliance/request/chat")
+        assert not tls.connack.is_failure and tls.can_publish("appliance/request/chat/prompter")
         assert not ws.connack.is_failure and ws.can_subscribe("appliance/telemetry/#")
     finally:
         tls.close()
         ws.close()
 
 
-def test_the_appliance_runs_against_it_with_its_own_user(  # type: ignore[no-untyped-def]
-    broker: Broker, tmp_path: Path, demo_bundle_fp32: Path,
-) -> None:
-    path = write_config(tmp_path, broker.port, "appliance", demo_bundle_fp32,
+@pytest.fixture(scope="module")
+def running_app(broker: Broker, tmp_path_factory: pytest.TempPathFactory,
+                demo_bundle_fp32: Path) -> Iterator[Appliance]:
+    path = write_config(tmp_path_factory.mktemp("production-app"), broker.port, "appliance",
+                        demo_bundle_fp32,
                         mqtt={"username": "appliance", "password": broker.passwords["appliance"]})
     app = Appliance(load_config(path, env={}))
     app.start()
-    sensor = Session(broker, "arduino-7")
     try:
         for worker in app.engine.workers:
             assert worker.loaded.wait(60)
         assert app.link.subscribed.wait(10)
-        assert sensor.can_subscribe("appliance/response/chat")
-        sensor.can_publish("appliance/request/chat", json.dumps({"id": "t", "prompt": "Hi", "max_tokens": 3}))
-        with sensor.cond:
-            assert sensor.cond.wait_for(lambda: sensor.messages, 30)
-        reply = json.loads(sensor.messages[0].payload)
+        yield app
+    finally:
+        app.stop()
+
+
+def replies(session: Session, topic: str, n: int = 1, timeout: float = 30) -> list[dict[str, Any]]:
+    with session.cond:
+        assert session.cond.wait_for(
+            lambda: len([m for m in session.messages if m.topic == topic]) >= n, timeout
+        ), f"no reply on {topic}: {[m.topic for m in session.messages]}"
+        return [json.loads(m.payload) for m in session.messages if m.topic == topic]
+
+
+def test_the_appliance_answers_a_prompter_in_its_own_reply_space(broker: Broker, running_app: Appliance) -> None:
+    sensor = Session(broker, "arduino-7")
+    try:
+        assert sensor.can_subscribe("replies/arduino-7/#")
+        sensor.can_publish("appliance/request/chat/arduino-7",
+                           json.dumps({"id": "t", "prompt": "Hi", "max_tokens": 3}))
+        (reply,) = replies(sensor, "replies/arduino-7/chat")
         assert reply["id"] == "t" and reply["status"] == "ok"
+        with sensor.cond:
+            assert sensor.cond.wait_for(
+                lambda: any(m.topic == "replies/arduino-7/chat/text" for m in sensor.messages), 5)
     finally:
         sensor.close()
-        app.stop()
+
+
+def test_two_prompters_neither_reads_the_others_replies_nor_cancels_the_others_job(
+    broker: Broker, running_app: Appliance,
+) -> None:
+    """arduino-7 runs a long streamed job; arduino-8 listens everywhere it can and tries to cancel it."""
+    a7, a8 = Session(broker, "arduino-7"), Session(broker, "arduino-8")
+    try:
+        assert a7.can_subscribe("replies/arduino-7/#")
+        for topic in ("#", "replies/#", "replies/arduino-7/#", "appliance/stream/#", "appliance/response/#"):
+            a8.can_subscribe(topic)  # Mosquitto accepts and filters each message by a8's ACL
+        long_job = {"id": "job-7", "prompt": "Tell a long story.", "max_tokens": 400, "stream": True,
+                    "temperature": 0}
+        a7.can_publish("appliance/request/chat/arduino-7", json.dumps(long_job))
+        with a7.cond:
+            assert a7.cond.wait_for(lambda: any("/stream/" in m.topic for m in a7.messages), 30)
+        # arduino-8 cannot cancel in arduino-7's name, nor in public; in its own name it reaches nothing.
+        assert not a8.can_publish("appliance/request/cancel/arduino-7", "job-7")
+        assert not a8.can_publish("appliance/request/cancel", "job-7")
+        assert a8.can_publish("appliance/request/cancel/arduino-8", "job-7")
+        answer = replies(a8, "replies/arduino-8/cancel")[0]  # a copy per matching subscription
+        assert answer["status"] == "ok" and answer["data"] == {"cancelled": 0}
+        # arduino-7 cancels its own job: it ends cancelled, and only arduino-7 heard any of it.
+        a7.can_publish("appliance/request/cancel/arduino-7", "job-7")
+        (cancel,) = replies(a7, "replies/arduino-7/cancel")
+        assert cancel["data"] == {"cancelled": 1}
+        (final,) = replies(a7, "replies/arduino-7/chat")
+        assert final["id"] == "job-7" and final["error"]["code"] == "cancelled"
+        time.sleep(0.3)
+        with a8.cond:
+            heard = sorted({m.topic for m in a8.messages})
+        assert heard == ["appliance/status", "replies/arduino-8/cancel"], heard  # status is retained
+    finally:
+        a7.close()
+        a8.close()

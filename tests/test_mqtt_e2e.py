@@ -54,15 +54,15 @@ def client(mqtt_broker) -> Iterator[Client]:  # type: ignore[no-untyped-def]
 
 def test_mqtt5_response_topic_with_correlation_data(start_app, client: Client, mqtt_base_topic: str) -> None:  # type: ignore[no-untyped-def]
     start_app()
-    client.subscribe("client/replies")
+    client.subscribe("replies/client")
     props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = "client/replies"
+    props.ResponseTopic = "replies/client"
     props.CorrelationData = b"\x00corr-1"
     client.publish(
         f"{mqtt_base_topic}/request/chat", {"id": "q1", "prompt": "Name a colour.", **SHORT}, props
     )
-    client.wait(lambda: bool(client.messages["client/replies"]))
-    (msg,) = client.messages["client/replies"]
+    client.wait(lambda: bool(client.messages["replies/client"]))
+    (msg,) = client.messages["replies/client"]
     assert msg.properties.CorrelationData == b"\x00corr-1"
     body = json.loads(msg.payload)
     assert body["id"] == "q1" and body["status"] == "ok" and body["data"]["text"].strip()
@@ -73,25 +73,30 @@ def test_311_reply_to_plain_text_and_the_mcu_copy(start_app, mqtt_broker, mqtt_b
     start_app()
     old = Client(mqtt_broker.port, v5=False)
     base = mqtt_base_topic
-    old.subscribe("arduino/7", f"{base}/response/chat", f"{base}/response/chat/text")
+    old.subscribe("replies/arduino-7", "replies/arduino-7/text", f"{base}/response/chat",
+                  f"{base}/response/chat/text")
     old.publish(
         f"{base}/request/chat",
         {
             "id": 7,
             "prompt": "Say hello.",
-            "reply_to": "arduino/7",
+            "reply_to": "replies/arduino-7",
             "max_bytes": 10,
             "max_tokens": 30,
             "temperature": 0,
         },
     )
-    old.wait(lambda: bool(old.messages["arduino/7"]) and bool(old.messages[f"{base}/response/chat/text"]))
-    body = old.json("arduino/7")[0]
+    old.wait(lambda: bool(old.messages["replies/arduino-7"]) and bool(old.messages["replies/arduino-7/text"]))
+    body = old.json("replies/arduino-7")[0]
     assert body["id"] == 7 and body["status"] == "ok"
-    short = old.messages[f"{base}/response/chat/text"][0].payload
+    short = old.messages["replies/arduino-7/text"][0].payload
     assert len(short) <= 10 and body["data"]["text"].encode().startswith(short)
     old.publish(f"{base}/request/chat", "What is the capital of France?")
     old.wait(lambda: bool(old.messages[f"{base}/response/chat"]))
+    # The private answer was never copied to the shared topics; the public one is.
+    assert old.messages[f"{base}/response/chat"][0].payload != old.messages["replies/arduino-7"][0].payload
+    old.wait(lambda: bool(old.messages[f"{base}/response/chat/text"]))
+    assert len(old.messages[f"{base}/response/chat/text"]) == 1
     plain = old.json(f"{base}/response/chat")[0]
     # Default sampling is random, so only the shape is fixed: the plain text became a user turn
     # of the chat template (far more prompt tokens than the seven words alone).

@@ -44,19 +44,20 @@ def test_levels_refuse_separators_and_wildcards(topics: Topics, bad: str) -> Non
         topics.stream(bad)
 
 
-def test_subscriptions_plain_and_shared() -> None:
-    assert Topics("appliance").subscriptions() == ["appliance/request/+"]
-    assert Topics("appliance", shared_group="npus").subscriptions() == ["$share/npus/appliance/request/+"]
+def test_subscriptions_take_public_and_named_requests() -> None:
+    assert Topics("appliance").subscriptions() == ["appliance/request/+", "appliance/request/+/+"]
+    assert Topics("appliance", shared_group="npus").subscriptions() == [
+        "$share/npus/appliance/request/+", "$share/npus/appliance/request/+/+"]
 
 
-def test_request_kind(topics: Topics) -> None:
-    assert topics.request_kind("appliance/request/chat") == "chat"
+def test_request_kind_and_sender(topics: Topics) -> None:
+    assert topics.parse_request("appliance/request/chat") == ("chat", None)
+    assert topics.parse_request("appliance/request/chat/arduino-7") == ("chat", "arduino-7")
+    assert topics.parse_request("$share/g/appliance/request/chat") == ("chat", None)
     assert topics.request_kind("appliance/request/health_check") == "health_check"
-    assert topics.request_kind("$share/g/appliance/request/chat") == "chat"
-    assert topics.request_kind("appliance/request/") is None
-    assert topics.request_kind("appliance/request/chat/extra") is None
-    assert topics.request_kind("appliance/response/chat") is None
-    assert topics.request_kind("other/request/chat") is None
+    for topic in ("appliance/request/", "appliance/request/chat/", "appliance/request//x",
+                  "appliance/request/chat/a/b", "appliance/response/chat", "other/request/chat"):
+        assert topics.parse_request(topic) is None, topic
 
 
 @pytest.mark.parametrize(
@@ -68,17 +69,26 @@ def test_request_kind(topics: Topics) -> None:
         "x\x00y",
         "$SYS/broker",
         "t" * 65536,
+        # the appliance's own tree, the shared text copy, and the base itself
+        "appliance",
         "appliance/request/chat",
-        "appliance/request",
+        "appliance/response/chat",
+        "appliance/response/chat/text",
         "appliance/status",
         "appliance/display/lobby",
-        "appliance/info",
-        "appliance/state",
-        "appliance/telemetry/temp",
-        "appliance/event",
         "appliance/stream/1",
+        # another appliance's tree, Home Assistant, anything outside the reply space
+        "gallery2/request/chat",
         "homeassistant/device/x/config",
-        "homeassistant",
+        "client/42/reply",
+        # case and empty-level variants of the reply space
+        "REPLIES/arduino-7",
+        "Replies/arduino-7",
+        "replies",
+        "replies/",
+        "replies//x",
+        "replies/arduino-7//x",
+        "replies/arduino-7/",
     ],
 )
 def test_reply_topic_refused(topics: Topics, topic: str) -> None:
@@ -86,15 +96,15 @@ def test_reply_topic_refused(topics: Topics, topic: str) -> None:
     assert reason is not None and len(reason) < 400
 
 
-@pytest.mark.parametrize(
-    "topic",
-    [
-        "client/42/reply",
-        "appliance/response/chat",
-        "appliance/responses",
-        "appliance/statusx",
-        "home/assistant",
-    ],
-)
-def test_reply_topic_allowed(topics: Topics, topic: str) -> None:
+@pytest.mark.parametrize("topic", ["replies/arduino-7", "replies/arduino-7/chat", "replies/a/b/c"])
+def test_reply_topic_allowed_for_public_requests(topics: Topics, topic: str) -> None:
     assert topics.check_reply_topic(topic) is None
+
+
+def test_a_named_sender_may_only_name_its_own_reply_space(topics: Topics) -> None:
+    assert topics.check_reply_topic("replies/arduino-7/x", "arduino-7") is None
+    assert topics.check_reply_topic("replies/arduino-7", "arduino-7") is None
+    reason = topics.check_reply_topic("replies/arduino-8/x", "arduino-7")
+    assert reason is not None and "replies/arduino-7/" in reason
+    assert topics.check_reply_topic("replies/arduino-77", "arduino-7") is not None
+    assert topics.sender_response("arduino-7", "chat") == "replies/arduino-7/chat"
