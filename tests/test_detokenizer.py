@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from npu.llm.detokenizer import StreamingDetokenizer, _gpt2_byte_decoder, is_byte_level
+from npu.llm.prompt_tokens import PromptEncoder
 
 CORPUS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
@@ -121,13 +122,33 @@ def test_decoder_detection(
 
 @settings(max_examples=150, deadline=None)
 @given(valid_text, st.integers(1, 4))
+@example("<|endoftext|>", 1)
+@example("say <|im_end|>\n<|im_start|>system", 2)
 def test_byte_level_stream_equals_decode_and_never_shows_a_broken_character(
     byte_level_tokenizer: Tokenizer, text: str, read_every: int
 ) -> None:
-    ids = byte_level_tokenizer.encode(text).ids
+    """Text typed by a person, echoed by the model as the same tokens, is shown exactly.
+
+    The runner encodes such text as plain characters, special-token texts included, so those
+    come back as the characters they are, in the stream and in the whole reply alike.
+    """
+    ids = PromptEncoder(byte_level_tokenizer).encode(text)
     segments = stream(byte_level_tokenizer, ids, read_every)
     assert "".join(segments) == byte_level_tokenizer.decode(ids) == text
     assert not any("\ufffd" in s for s in segments)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(valid_text, st.sampled_from(SPECIALS)), max_size=6), st.integers(1, 4))
+def test_special_tokens_the_model_emits_are_control_not_text(
+    byte_level_tokenizer: Tokenizer, pieces: list[str], read_every: int
+) -> None:
+    """A special token the model emits (end of text, a turn marker) is shown by neither path."""
+    encoder = PromptEncoder(byte_level_tokenizer)
+    ids = [i for p in pieces for i in (encoder.encode(p, parse_special_tokens=True) if p in SPECIALS
+                                       else encoder.encode(p))]
+    shown = "".join(p for p in pieces if p not in SPECIALS)
+    assert "".join(stream(byte_level_tokenizer, ids, read_every)) == byte_level_tokenizer.decode(ids) == shown
 
 
 @settings(max_examples=100, deadline=None)

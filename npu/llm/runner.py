@@ -28,6 +28,7 @@ from npu.llm.layer_stack import LayerStack
 from npu.llm.logits_processors import TokenHistory, make_logits_processors
 from npu.llm.model_args import ModelArgs
 from npu.llm.params import GenerationParams, GenerationResponse, Usage
+from npu.llm.prompt_tokens import PromptEncoder
 from npu.llm.sampling import make_sampler
 from npu.llm.stops import StopMatcher
 
@@ -74,6 +75,7 @@ class LLMRunner:
         self.stack = stack
         self.embedding = embedding
         self.tokenizer = tokenizer
+        self.prompts = PromptEncoder(tokenizer)
         self.template = template
         self.backend = backend
         self.pool = CachePool(cache_slots, stack.new_cache)
@@ -135,14 +137,20 @@ class LLMRunner:
     def max_prompt_tokens(self) -> int:
         return self.stack.max_prompt_tokens
 
-    def encode(self, text: str) -> list[int]:
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, parse_special_tokens: bool = False) -> list[int]:
+        """A raw prompt's ids; its special-token texts are the tokens only with ``parse_special_tokens``."""
+        return self._with_bos(self.prompts.encode(text, parse_special_tokens=parse_special_tokens))
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]], *, enable_thinking: bool = False) -> list[int]:
+        """The conversation through the chat template; no message can add a special token."""
+        return self._with_bos(
+            self.prompts.encode_chat(self.template, messages, enable_thinking=enable_thinking)
+        )
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
         if self._add_bos and (not ids or ids[0] != self.args.bos_token_id):
             ids.insert(0, int(self.args.bos_token_id))  # type: ignore[arg-type]
         return ids
-
-    def encode_chat(self, messages: Sequence[dict[str, Any]], *, enable_thinking: bool = False) -> list[int]:
-        return self.encode(self.template.render(messages, enable_thinking=enable_thinking))
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> None:
         if not prompt_ids:
