@@ -155,6 +155,11 @@ class HttpConfig(BaseConfig):
         None, min_length=1, max_length=256, description="Bearer token required on /v1/* (None: open)"
     )
     max_n: int = Field(4, ge=1, le=16, description="Largest 'n' (choices per request) accepted")
+    raw_prompt_special_tokens: bool = Field(
+        False,
+        description="Parse special-token texts (<|im_start|>...) in /v1/completions prompts as the "
+        "tokens; only for trusted clients that write the chat format themselves",
+    )
 
 
 class ThermalConfig(BaseConfig):

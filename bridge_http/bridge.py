@@ -16,6 +16,7 @@ class BridgeSettings:
     ping_interval: float = 10.0  # seconds of silence before a ': ping' comment in a stream
     progress_ping_interval: float = 1.0  # at most one ping this often while a prompt is prefilled
     image_url_ttl: float = 3600.0  # seconds an image URL (response_format url) stays valid
+    raw_prompt_special_tokens: bool = False  # /v1/completions prompts may hold special tokens
 
 
 @dataclass

@@ -44,7 +44,8 @@ async def handle_completions(body: CompletionRequest, request: Request) -> Respo
     bridge: Bridge = request.app.state.bridge
     cid, created = shapes.new_id("cmpl"), shapes.now()
     model = bridge.model_id(body.model)
-    jobs = completion_requests(body, cid, bridge.settings.max_n)
+    settings = bridge.settings
+    jobs = completion_requests(body, cid, settings.max_n, settings.raw_prompt_special_tokens)
     prompts = body.prompts()
     echoes = [p if body.echo else "" for p in prompts for _ in range(body.n)]
     group = JobGroup(bridge.engine)

@@ -57,14 +57,19 @@ def chat_requests(
     ]
 
 
-def completion_requests(body: CompletionRequest, request_id: str, max_n: int) -> list[ChatRequest]:
-    """Choices are ordered prompt by prompt, ``n`` for each (index = prompt * n + choice)."""
+def completion_requests(
+    body: CompletionRequest, request_id: str, max_n: int, parse_special_tokens: bool = False
+) -> list[ChatRequest]:
+    """Choices are ordered prompt by prompt, ``n`` for each (index = prompt * n + choice).
+
+    A prompt is ordinary text unless ``parse_special_tokens`` (``http.raw_prompt_special_tokens``).
+    """
     prompts = body.prompts()
     check_n(body, max_n, len(prompts))
     limit = body.token_limit or LEGACY_MAX_TOKENS
     return [
         ChatRequest(model=body.model, prompt=prompt, params=generation_params(body, limit, i),
-                    request_id=request_id)
+                    request_id=request_id, parse_special_tokens=parse_special_tokens)
         for prompt in prompts
         for i in range(body.n)
     ]

@@ -40,6 +40,14 @@ def test_defaults_are_valid_and_are_the_demo() -> None:
     ]
 
 
+def test_raw_prompt_special_tokens_are_off_unless_switched_on(tmp_path: Path) -> None:
+    assert ApplianceConfig().http.raw_prompt_special_tokens is False
+    path = write(tmp_path, {"http": {"raw_prompt_special_tokens": True}})
+    assert load_config(path, env={}).http.raw_prompt_special_tokens is True
+    env = {"APPLIANCE_HTTP_RAW_PROMPT_SPECIAL_TOKENS": "true"}
+    assert load_config(None, env=env).http.raw_prompt_special_tokens is True
+
+
 def test_no_file_means_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     config = load_config(None, env={})

@@ -77,6 +77,9 @@ class ChatRequest:
     deadline: float | None = None  # time.monotonic() after which a job still waiting is expired
     enable_thinking: bool = False
     request_id: str | None = None  # the caller's id, for logs
+    # A raw prompt's special-token texts become the tokens: only for trusted clients that write
+    # the chat format themselves. Messages never parse them (the template's markers are the tokens).
+    parse_special_tokens: bool = False
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

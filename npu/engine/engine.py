@@ -210,7 +210,9 @@ class Engine:
             if request.messages is not None:
                 prompt_ids = runner.encode_chat(request.messages, enable_thinking=request.enable_thinking)
             else:
-                prompt_ids = runner.encode(request.prompt or "")
+                prompt_ids = runner.encode(
+                    request.prompt or "", parse_special_tokens=request.parse_special_tokens
+                )
             runner.check_prompt(prompt_ids)
         except ContextLengthError as exc:
             details = {"prompt_tokens": exc.prompt_tokens, "max_prompt_tokens": exc.limit,
