@@ -165,6 +165,26 @@ def test_a_job_counts_as_running_from_leaving_the_queue_until_its_answer(make_en
     assert published[-1] == ("idle", 0, 0)
     assert ("busy", 0, 1) in published and all(p[0] == "busy" for p in published[:-1]), published
 
+
+def test_a_paused_queue_still_answers_jobs_at_their_deadline_and_timeout(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine = make_engine(request_timeout=1.0)
+    engine.pause("test")
+    got = Collector()
+    submitted = time.monotonic()
+    late = engine.submit(ask("late", deadline=submitted + 0.3), got.sink("deadline"))
+    slow = engine.submit(ask("slow"), got.sink("timeout"))
+    assert late.wait(3), "a job past its deadline is answered while the queue is paused"
+    assert time.monotonic() - submitted < 0.9
+    (final,) = got.terminal("deadline")
+    assert isinstance(final, Failed) and final.error.code is ErrorCode.EXPIRED
+    assert slow.wait(3), "a job never waits longer than the request timeout"
+    (final,) = got.terminal("timeout")
+    assert isinstance(final, Failed) and final.error.code is ErrorCode.TIMEOUT
+    assert "request timeout" in final.error.message
+    state = engine.state()
+    assert (state.state, state.queue_depth, state.running) == ("paused", 0, 0)
+    assert engine.jobs_failed == 2
+
 @pytest.mark.parametrize(
     ("request_", "code"),
     [

@@ -36,7 +36,15 @@ from npu.engine.api import (
 )
 from npu.engine.metrics import EngineMetrics
 from npu.engine.recovery import Recovery, RecoveryConfig
-from npu.engine.worker import DeviceWorker, ModelSpec, Runner, RunnerLoader, WorkerJob
+from npu.engine.worker import (
+    DeviceWorker,
+    ModelSpec,
+    Runner,
+    RunnerLoader,
+    WorkerJob,
+    expires_at,
+    expiry_error,
+)
 from npu.llm.runner import ContextLengthError, LLMRunner
 
 logger = logging.getLogger(__name__)
@@ -116,6 +124,8 @@ class Engine:
         # PNG/JPEG encoding is host work: done here, the device runs the next step meanwhile. A job
         # being encoded was taken and has not ended, so the state still counts it as running.
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-encode")
+        # Answers waiting jobs at their deadline even when no worker takes jobs (paused, too hot).
+        self._expiry = threading.Thread(target=self._expire_waiting, name="engine-expiry", daemon=True)
 
     def encode_later(self, work: Callable[[], None]) -> None:
         """Run ``work`` (a job's image encoding and its final event) on the encoder thread."""
@@ -134,6 +144,7 @@ class Engine:
     def start(self, *, wait_loaded: bool = True, timeout: float | None = None) -> None:
         for worker in self.workers:
             worker.start()
+        self._expiry.start()
         if wait_loaded:
             for worker in self.workers:
                 worker.loaded.wait(timeout)
@@ -153,6 +164,8 @@ class Engine:
             job.handle.finish(Failed(EngineError(ErrorCode.UNAVAILABLE, STOPPING)))
         for worker in self.workers:
             worker.join(timeout)
+        if self._expiry.is_alive():
+            self._expiry.join(timeout)
         self._encoder.shutdown(wait=True)  # pictures being encoded are still delivered
         for worker in self._every_worker:
             if not worker.is_alive():  # a thread stuck in a hung call keeps what it holds
@@ -265,6 +278,29 @@ class Engine:
         self.metrics.failure.labels(ErrorCode.CANCELLED.value).inc()
         handle.finish(Failed(EngineError(ErrorCode.CANCELLED, "cancelled while waiting")))
         self._notify_state()
+
+    def _expire_waiting(self) -> None:
+        """The expiry thread: sleep until the next waiting job's limit, answer every job past it."""
+        limit = self.config.request_timeout
+        while True:
+            with self._work:
+                if self._stopping:
+                    return
+                now = time.monotonic()
+                expired = [(item, error) for item in self._queue
+                           if (error := expiry_error(item[2], limit, now)) is not None]
+                if not expired:
+                    times = [t for *_, job in self._queue if (t := expires_at(job, limit)) is not None]
+                    self._work.wait(min(min(times, default=now + 5.0) - now, 5.0))
+                    continue
+                gone = {id(item) for item, _ in expired}
+                self._queue = [item for item in self._queue if id(item) not in gone]
+                heapq.heapify(self._queue)
+            for (*_, job), error in expired:
+                self.count_outcome(False)
+                self.metrics.failure.labels(error.code.value).inc()
+                job.handle.finish(Failed(error))
+            self._notify_state()
 
     def pause(self, reason: str = "paused by request") -> None:
         with self._work:

@@ -90,6 +90,35 @@ class WorkerJob:
     taken: bool = False  # taken from the queue by a worker and not yet ended (the engine's count)
 
 
+def expiry_error(job: WorkerJob, request_timeout: float, now: float) -> EngineError | None:
+    """Why a job that has not started yet may no longer start, or None.
+
+    A job waits until its deadline (``expired``) and never longer than the request timeout
+    (``timeout``), whether the queue moves, is paused or a card is too hot. A job retried after a
+    device reset already had its turn: it is never expired.
+    """
+    if job.attempts:
+        return None
+    handle = job.handle
+    waited = now - handle.submitted
+    deadline = handle.request.deadline
+    if deadline is not None and now >= deadline and deadline <= handle.submitted + request_timeout:
+        return EngineError(ErrorCode.EXPIRED, f"waited {waited:.1f} s, past its deadline")
+    if waited >= request_timeout:
+        return EngineError(ErrorCode.TIMEOUT, f"waited {waited:.1f} s without starting, longer than the "
+                                              f"request timeout ({request_timeout:g} s)")
+    return None
+
+
+def expires_at(job: WorkerJob, request_timeout: float) -> float | None:
+    """When ``expiry_error`` starts to answer for this job (None: never)."""
+    if job.attempts:
+        return None
+    limit = job.handle.submitted + request_timeout
+    deadline = job.handle.request.deadline
+    return limit if deadline is None else min(deadline, limit)
+
+
 class DeviceWorker(threading.Thread):
     def __init__(
         self,
@@ -241,12 +270,9 @@ class DeviceWorker(threading.Thread):
         if handle.cancelled:
             self._finish(job, Failed(EngineError(ErrorCode.CANCELLED, "cancelled before it started")))
             return
-        deadline = handle.request.deadline
-        if deadline is not None and now > deadline and job.attempts == 0:
-            waited = now - handle.submitted
-            self._finish(
-                job, Failed(EngineError(ErrorCode.EXPIRED, f"waited {waited:.1f} s, past its deadline"))
-            )
+        expired = expiry_error(job, self.engine.config.request_timeout, now)
+        if expired is not None:
+            self._finish(job, Failed(expired))
             return
         runner = self.runners.get(job.model_id)
         if runner is None:
