@@ -141,6 +141,26 @@ def test_host_monitor_reads_the_hottest_zone_and_memory(tmp_path: Path) -> None:
     HostMonitor().reset(0)  # nothing to reset: a recovery on the CPU twin only reloads
 
 
+
+def test_host_cpu_load_is_a_percentage_even_on_a_loaded_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A load average of 40 on two cores is not 2000 %: the figure is busy time over all cores."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (40.0, 40.0, 40.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    live = HostMonitor()
+    assert all(0.0 <= (live.read(0).cpu_load_pct or 0.0) <= 100.0 for _ in range(3))
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  300 0 100 500 100 0 0 0 50 0\ncpu0 150 0 50 250 50 0 0 0 25 0\n")
+    monitor = HostMonitor(tmp_path, tmp_path / "none", stat)
+    assert monitor.read(0).cpu_load_pct == 40.0, "since boot: 400 busy of 1000"
+    stat.write_text("cpu  450 0 150 550 150 0 0 0 80 0\n")
+    assert monitor.read(0).cpu_load_pct == 66.7, "since the last read: 200 busy of 300"
+    assert monitor.read(0).cpu_load_pct == 66.7, "no tick since: the last figure holds"
+    stat.write_text("not a stat file")
+    assert monitor.read(0).cpu_load_pct is None
+
 def test_axcl_monitor_without_pyaxcl_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:

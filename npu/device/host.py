@@ -1,4 +1,7 @@
-"""The host as the "device" when there is no NPU: its hottest thermal zone, memory and CPU load.
+"""The host as the "device" when there is no NPU: its hottest thermal zone, memory and CPU use.
+
+CPU use is a real percentage (busy time over all cores between two reads of ``/proc/stat``), not
+the load average, which counts waiting threads and reads 2000 "percent" on a busy 2-core machine.
 
 A reset does nothing here (there is no card), so a recovery on the CPU twin reloads the models.
 """
@@ -6,7 +9,6 @@ A reset does nothing here (there is no card), so a recovery on the CPU twin relo
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from npu.device.base import DeviceReading
@@ -14,14 +16,42 @@ from npu.device.base import DeviceReading
 logger = logging.getLogger(__name__)
 
 
+class CpuUsage:
+    """Busy share of every core between two reads of ``/proc/stat`` (the first read: since boot)."""
+
+    def __init__(self, stat: str | Path = "/proc/stat") -> None:
+        self.stat = Path(stat)
+        self._last: tuple[int, int] | None = None  # (busy, total) jiffies at the previous read
+        self._pct: float | None = None
+
+    def percent(self) -> float | None:
+        try:
+            first = self.stat.read_text().split("\n", 1)[0].split()
+            # user nice system idle iowait irq softirq steal (guest time is already in user)
+            ticks = [int(v) for v in first[1:9]]
+        except (OSError, ValueError):
+            return None
+        if first[0] != "cpu" or len(ticks) < 4:
+            return None
+        total = sum(ticks)
+        busy = total - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)
+        before = self._last or (0, 0)
+        self._last = (busy, total)
+        if total > before[1]:  # else read twice within one tick: the last figure still holds
+            self._pct = round(min(100.0, max(0.0, 100.0 * (busy - before[0]) / (total - before[1]))), 1)
+        return self._pct
+
+
 class HostMonitor:
     name = "host"
 
     def __init__(
-        self, thermal_root: str | Path = "/sys/class/thermal", meminfo: str | Path = "/proc/meminfo"
+        self, thermal_root: str | Path = "/sys/class/thermal", meminfo: str | Path = "/proc/meminfo",
+        stat: str | Path = "/proc/stat",
     ) -> None:
         self.thermal_root = Path(thermal_root)
         self.meminfo = Path(meminfo)
+        self.cpu = CpuUsage(stat)
 
     def _temperature(self) -> float | None:
         temps = []
@@ -43,14 +73,10 @@ class HostMonitor:
 
     def read(self, device_id: int) -> DeviceReading:
         total, used = self._memory()
-        try:
-            load = os.getloadavg()[0] / (os.cpu_count() or 1) * 100.0
-        except OSError:
-            load = None
         temperature = self._temperature()
         return DeviceReading(
             device_id, "host", temperature_c=temperature, mem_total_mib=total, mem_used_mib=used,
-            cpu_load_pct=None if load is None else round(load, 1),
+            cpu_load_pct=self.cpu.percent(),
             error=None if temperature is not None else "no thermal zone readable on this host",
         )
 
