@@ -26,6 +26,7 @@ from appliance.device_monitor import make_device_monitor
 from appliance.ha_discovery import build_discovery, discovery_changed
 from appliance.health import HealthChecks, TelemetryJob, make_scheduler
 from appliance.mqtt_link import InboundMessage, MqttLink
+from appliance.ready import http_base_url, ready_message
 from appliance.telemetry import state_figures
 from appliance.topics import Topics
 from bridge_http.app import create_app
@@ -164,6 +165,20 @@ class Appliance:
             self.event(
                 "model_loaded" if model.loaded else "model_failed", model=model.id, backend=model.backend
             )
+        self._say_ready()
+
+    def _say_ready(self) -> None:
+        """Log the ready line once the broker took the subscriptions (models are loaded by now)."""
+        mqtt = self.config.mqtt
+        if not self.link.subscribed.wait(2):
+            logger.info("models loaded; waiting for the MQTT broker at %s:%d", mqtt.host, mqtt.port)
+        while not self.link.subscribed.wait(0.5):
+            if self.stop_event.is_set():
+                return
+        url = http_base_url(self.config.http.host, self.http.bound_port) if self.http is not None else None
+        note = "did not start (see above)" if self.config.http.enabled else "off (http.enabled: false)"
+        models = [f"{m.id} ({m.backend})" for m in self.engine.models() if m.loaded]
+        logger.info(ready_message(self.topics, f"{mqtt.host}:{mqtt.port}", models, url, note))
 
     # retained state ---------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

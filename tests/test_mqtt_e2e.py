@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from mqtt_client import Client, write_config
 from paho.mqtt.packettypes import PacketTypes
@@ -226,6 +228,42 @@ def test_last_will_after_kill_9(
         if proc.poll() is None:
             proc.kill()
 
+
+
+def test_the_log_says_when_it_is_ready_and_how_to_talk_to_it(
+    tmp_path: Path, mqtt_broker, client: Client, mqtt_base_topic: str,  # type: ignore[no-untyped-def]
+    demo_bundle_fp32: Path,
+) -> None:
+    base = mqtt_base_topic
+    config = write_config(tmp_path, mqtt_broker.port, base, demo_bundle_fp32,
+                          http={"enabled": True, "host": "0.0.0.0", "port": 0})
+    log = tmp_path / "appliance.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "appliance", "run", "-c", str(config)], cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while not (ready := [line for line in log.read_text().splitlines() if " ready: " in line]):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        (line,) = ready
+        assert f"MQTT broker 127.0.0.1:{mqtt_broker.port}" in line and "demo (onnx)" in line, line
+        match = re.search(r"send prompts to (\S+), answers on (\S+) .*API at (http://\S+/v1)", line)
+        assert match, line
+        request, response, url = match.groups()
+        assert (request, response) == (f"{base}/request/chat", f"{base}/response/chat")
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":0/v1"), "a URL a client can use"
+        assert httpx.get(f"{url}/models", timeout=5).json()["data"][0]["id"] == "demo"
+        client.subscribe(response)
+        client.publish(request, {"id": "hello", "prompt": "Hi", **SHORT})
+        client.wait(lambda: bool(client.json(response)), 30)
+        assert client.json(response)[0]["status"] == "ok"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 MALFORMED: list[bytes | str] = [
     b"",
