@@ -30,11 +30,12 @@ from mqtt_broker import MOSQUITTO, MosquittoBroker, free_port, port_open
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from pydantic import ValidationError
 
 from appliance.config import ThermalConfig
 from appliance.telemetry import headline_values
 from appliance.topics import Topics
-from handlers.payloads import ChatPayload, decode_payload
+from handlers.payloads import ChatPayload, PayloadError, decode_payload, describe_validation, usable_id
 from handlers.reply import Reply, route_reply
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +191,7 @@ class FakeAppliance:
 
     def publish_retained(self) -> None:
         t = self.topics
-        self.publish("appliance/telemetry/temperature_c", "99", retain=True)  # another base: never shown
+        self.publish(Topics().telemetry_metric("temperature_c"), "99", retain=True)  # the default base
         for metric, value in headline_values(FIGURES).items():
             self.publish(t.telemetry_metric(metric), value, retain=True)
         self.publish(t.status, "online", retain=True)
@@ -202,15 +203,21 @@ class FakeAppliance:
         with self.cond:
             self.requests.append(msg)
             self.cond.notify_all()
-        body = decode_payload(msg.payload)
         route = route_reply(self.topics, "chat")
         Reply(self.publish, route, "someone-else").ok({"text": "not for this dashboard"})
-        reply = Reply(self.publish, route, body.get("id") if isinstance(body, dict) else None)
-        if self.error:
-            reply.error(*self.error)
-        else:
+        try:
+            body = decode_payload(msg.payload)
+            reply = Reply(self.publish, route, usable_id(body))
             prompt = ChatPayload.model_validate(body).prompt
-            reply.ok({"text": f"You asked: {prompt}"}, text=f"You asked: {prompt}")
+        except PayloadError as exc:  # refused as the appliance would: the answer box shows why
+            Reply(self.publish, route, exc.request_id).error(exc.code, exc.message)
+        except ValidationError as exc:
+            reply.error("bad_request", describe_validation(exc))
+        else:
+            if self.error:
+                reply.error(*self.error)
+            else:
+                reply.ok({"text": f"You asked: {prompt}"}, text=f"You asked: {prompt}")
 
     def close(self) -> None:
         self.c.loop_stop()
