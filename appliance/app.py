@@ -25,6 +25,7 @@ from appliance.config import ApplianceConfig
 from appliance.device_monitor import make_device_monitor
 from appliance.ha_discovery import build_discovery, discovery_changed
 from appliance.health import HealthChecks, TelemetryJob, make_scheduler
+from appliance.journal import Journal
 from appliance.mqtt_link import InboundMessage, MqttLink
 from appliance.ready import http_base_url, ready_message
 from appliance.telemetry import state_figures
@@ -33,8 +34,10 @@ from bridge_http.app import create_app
 from bridge_http.auth import exposure_warning
 from bridge_http.bridge import BridgeSettings
 from bridge_http.server import HttpServer, HttpServerError
+from handlers.acceptance import Replayed
 from handlers.context import HandlerContext, ImageDefaults, Limits
 from handlers.registry import Dispatcher
+from handlers.reply import publish_all
 from npu.device.sim import SimMonitor
 from npu.device.thermal import ThermalLimits
 from npu.engine.api import EngineState
@@ -94,11 +97,16 @@ class Appliance:
             config.mqtt, self.inbound, topics=self.topics, on_connected=self.publish_retained,
             extra_topics=(self.topics.ha_status,) if ha else (),
         )
+        self.journal: Journal | None = None
+        if config.journal.enabled:
+            self.journal = Journal(config.journal_path(), sync=config.journal.sync,
+                                   window=config.journal.dedup_window)
         context = HandlerContext(
             self.engine, self.link.publish, self.topics, Limits(max_payload=config.mqtt.max_payload),
             images=ImageDefaults(config.images.display, config.images.format, config.images.quality,
                                  config.images.max_bytes),
             sim=self.monitor if isinstance(self.monitor, SimMonitor) else None,
+            journal=self.journal,
         )
         self.telemetry = TelemetryJob(
             self.engine, self.health, self.link.publish, self.topics, self.started_at
@@ -132,11 +140,15 @@ class Appliance:
         self.stop_event.set()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        if self.journal is not None:
+            self.journal.begin_stop()  # what the stop refuses stays accepted, for the next start
         self.engine.stop()
         if self.http is not None:
             self.http.stop()
         self.dispatcher.stop()
         self.link.stop("stopped")
+        if self.journal is not None:
+            self.journal.close()
         self.monitor.close()
 
     def _start_http(self) -> str | None:
@@ -159,7 +171,7 @@ class Appliance:
             while not worker.loaded.wait(0.5):
                 if self.stop_event.is_set():
                     return
-        self.dispatcher.start()
+        self.dispatcher.start(first=self._from_journal())
         self.publish_retained()
         for model in self.engine.models():
             self.event(
@@ -179,6 +191,30 @@ class Appliance:
         note = "did not start (see above)" if self.config.http.enabled else "off (http.enabled: false)"
         models = [f"{m.id} ({m.backend})" for m in self.engine.models() if m.loaded]
         logger.info(ready_message(self.topics, f"{mqtt.host}:{mqtt.port}", models, url, note))
+
+    def _from_journal(self) -> list[InboundMessage]:
+        """What the last run accepted and did not finish: replies to send again, requests to run.
+
+        Requests keep their original receipt time, so one whose deadline passed while the
+        appliance was down is answered ``expired`` instead of generated.
+        """
+        if self.journal is None:
+            return []
+        for item in self.journal.undelivered():
+            publish_all(self.link.publish, item.messages, self.journal, item.seq)
+        replays = []
+        now_wall, now_mono = time.time(), time.monotonic()
+        for row in self.journal.unanswered():
+            r = row.request
+            replays.append(InboundMessage(
+                topic=r.topic, payload=r.payload, response_topic=r.response_topic,
+                correlation_data=r.correlation_data, message_expiry=r.message_expiry,
+                received_at=now_mono - max(0.0, now_wall - r.received), qos=r.qos,
+                replayed=Replayed(row.seq, r.request_id),
+            ))
+        if replays:
+            logger.info("answering %d request(s) accepted before the restart", len(replays))
+        return replays
 
     # retained state ---------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

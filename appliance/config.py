@@ -132,6 +132,13 @@ class MqttConfig(BaseConfig):
             raise ValueError("must not start with $ (reserved for the broker, e.g. $SYS)")
         return value
 
+    @field_validator("base_topic")
+    @classmethod
+    def _base_topic_not_reply_space(cls, value: str) -> str:
+        if value.split("/")[0] == "replies":
+            raise ValueError("must not start with replies (the reply space of every sender)")
+        return value
+
     @field_validator("shared_group")
     @classmethod
     def _group_is_one_level(cls, value: str | None) -> str | None:
@@ -253,6 +260,23 @@ class ImagesConfig(BaseConfig):
                            description="Seconds an HTTP image URL (response_format url) stays valid")
 
 
+class JournalConfig(BaseConfig):
+    """Durable acceptance: chat and image requests are journaled before the broker is told."""
+
+    enabled: bool = Field(True, description="Journal accepted requests so a crash loses none")
+    path: str = Field(
+        "state/journal.sqlite3", min_length=1,
+        description="The SQLite file; relative paths are relative to the config file's folder",
+    )
+    sync: Literal["full", "normal"] = Field(
+        "full", description="full: survives a power cut (an fsync per request); normal: a crash only"
+    )
+    dedup_window: float = Field(
+        600, ge=0, le=7 * 86400,
+        description="Seconds an answered request is remembered, so a resend is not generated again",
+    )
+
+
 class HomeAssistantConfig(BaseConfig):
     enabled: bool = Field(True, description="Publish Home Assistant MQTT discovery (retained)")
     name: str | None = Field(None, min_length=1, max_length=64, description="Device name shown in HA")
@@ -296,6 +320,9 @@ class ApplianceConfig(BaseConfig):
     homeassistant: HomeAssistantConfig = Field(
         default_factory=HomeAssistantConfig, description="Home Assistant discovery"
     )
+    journal: JournalConfig = Field(
+        default_factory=JournalConfig, description="Durable acceptance of requests (crash safety)"
+    )
     models: list[ModelConfig] = Field(
         default_factory=_demo_models, min_length=1, description="Resident models (default: the demo model)"
     )
@@ -324,6 +351,11 @@ class ApplianceConfig(BaseConfig):
     def base_dir(self) -> Path:
         """The folder relative model paths are resolved against."""
         return self._base_dir
+
+    def journal_path(self) -> Path:
+        """The journal's file; a relative path is relative to the config file's folder."""
+        path = Path(self.journal.path).expanduser()
+        return path if path.is_absolute() else self._base_dir / path
 
     def model_path(self, model: ModelConfig) -> Path:
         """A model's bundle folder; a relative path is relative to the config file's folder."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -27,7 +28,8 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 class MosquittoBroker:
     """One ``mosquitto -c conf`` process; ``restart`` keeps the port so clients reconnect to it."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, persistent: bool = False) -> None:
+        self.persistent = persistent  # sessions and queued messages survive a restart, as in production
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -37,8 +39,12 @@ class MosquittoBroker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> MosquittoBroker:
+        keep = (f"persistence true\npersistence_location {self.workdir}/\n" if self.persistent
+                else "persistence false\n")
+        if self.persistent and os.geteuid() == 0:  # as root it would switch to 'mosquitto' and not write here
+            keep += "user root\n"
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{keep}"
             "log_dest stderr\nlog_type error\nlog_type warning\n"
         )
         log = self.log.open("ab")
@@ -47,12 +53,25 @@ class MosquittoBroker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
+                in_use = "Address already in use" in self.log.read_text()[-300:]
+                if in_use and time.monotonic() < deadline - 1:
+                    # A reconnecting client's socket can hold the port for a moment: try again.
+                    time.sleep(0.5)
+                    log = self.log.open("ab")
+                    self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=log)
+                    log.close()
+                    continue
+                raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}\n{self._holders()}")
             if port_open(self.port):
                 return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"mosquitto did not open port {self.port}")
+
+    def _holders(self) -> str:
+        """Sockets on the broker's port, for the error message."""
+        ss = subprocess.run(["ss", "-tanp"], capture_output=True, text=True, check=False).stdout
+        return "\n".join(line for line in ss.splitlines() if f":{self.port} " in line)
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

@@ -314,7 +314,7 @@ def test_two_prompters_neither_reads_the_others_replies_nor_cancels_the_others_j
         time.sleep(0.3)
         with a8.cond:
             heard = sorted({m.topic for m in a8.messages})
-        assert heard == ["appliance/status", "replies/arduino-8/cancel"], heard  # status is retained
+        assert heard == ["appliance/status", "replies/arduino-8/cancel"], heard  # status: retained
     finally:
         a7.close()
         a8.close()
