@@ -270,7 +270,9 @@ def replies(session: Session, topic: str, n: int = 1, timeout: float = 30) -> li
         return [json.loads(m.payload) for m in session.messages if m.topic == topic]
 
 
-def test_the_appliance_answers_a_prompter_in_its_own_reply_space(broker: Broker, running_app: Appliance) -> None:
+def test_the_appliance_answers_a_prompter_in_its_own_reply_space(
+    broker: Broker, running_app: Appliance,
+) -> None:
     sensor = Session(broker, "arduino-7")
     try:
         assert sensor.can_subscribe("replies/arduino-7/#")
