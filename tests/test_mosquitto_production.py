@@ -245,6 +245,37 @@ def test_tls_and_websockets_listeners(broker: Broker) -> None:
         ws.close()
 
 
+
+def test_a_qos0_prompt_sent_while_the_appliance_restarts_is_answered(  # type: ignore[no-untyped-def]
+    broker: Broker, tmp_path: Path, demo_bundle_fp32: Path,
+) -> None:
+    """Before any test that keeps an appliance running: this one stops and starts its own."""
+    config = load_config(write_config(tmp_path, broker.port, "appliance", demo_bundle_fp32, mqtt={
+        "username": "appliance", "password": broker.passwords["appliance"]}), env={})
+
+    def started() -> Appliance:
+        app = Appliance(config)
+        app.start()
+        assert app.engine.workers[0].loaded.wait(60) and app.link.subscribed.wait(10)
+        return app
+
+    sensor = Session(broker, "arduino-7")
+    try:
+        assert sensor.can_subscribe("replies/arduino-7/chat")
+        started().stop()  # its persistent session stays at the broker
+        prompt = json.dumps({"id": "q0", "prompt": "Hi", "max_tokens": 3, "temperature": 0})
+        sensor.c.publish("appliance/request/chat/arduino-7", prompt, qos=0).wait_for_publish(5)
+        time.sleep(0.3)
+        assert not sensor.messages, "nothing answers while the appliance is away"
+        app = started()
+        try:
+            (reply,) = replies(sensor, "replies/arduino-7/chat")
+            assert reply["id"] == "q0" and reply["status"] == "ok"
+        finally:
+            app.stop()
+    finally:
+        sensor.close()
+
 @pytest.fixture(scope="module")
 def running_app(broker: Broker, tmp_path_factory: pytest.TempPathFactory,
                 demo_bundle_fp32: Path) -> Iterator[Appliance]:
