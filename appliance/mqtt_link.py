@@ -144,7 +144,8 @@ class MqttLink:
         s = self.settings
         if self.is_v5:
             client = mqtt.Client(
-                CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=MQTTProtocolVersion.MQTTv5
+                CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=MQTTProtocolVersion.MQTTv5,
+                manual_ack=True,
             )
         else:
             client = mqtt.Client(

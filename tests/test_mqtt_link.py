@@ -254,6 +254,38 @@ def test_persistent_session_keeps_requests_while_away(  # type: ignore[no-untype
         link2.stop()
 
 
+@pytest.mark.parametrize("protocol", [5, 311])
+def test_a_request_not_acknowledged_is_delivered_again_and_an_acknowledged_one_is_not(  # type: ignore[no-untyped-def]
+    mqtt_broker, watchers, mqtt_base_topic, protocol
+) -> None:
+    """The broker keeps a request until the application acknowledges it, across a reconnect."""
+    base = f"{mqtt_base_topic}_{protocol}"
+    settings = Settings(mqtt_broker.port, base, protocol=protocol)
+    link, q = make_link(settings)
+    link.start()
+    assert link.subscribed.wait(5)
+    sender = watchers()
+    sender.publish(f"{base}/request/chat", b"kept")
+    sender.publish(f"{base}/request/chat", b"done")
+    kept, done = q.get(timeout=5), q.get(timeout=5)
+    assert (kept.payload, done.payload, kept.dup) == (b"kept", b"done", False)
+    assert done.ack is not None
+    done.ack()
+    time.sleep(0.3)  # the PUBACK reaches the broker
+    link.stop()
+    link2, q2 = make_link(settings)
+    link2.start()
+    try:
+        again = q2.get(timeout=10)
+        assert again.payload == b"kept" and again.dup, "the unacknowledged request comes again"
+        assert again.ack is not None
+        again.ack()
+        with pytest.raises(queue.Empty):
+            q2.get(timeout=1)
+    finally:
+        link2.stop()
+
+
 def test_broker_restart(tmp_path: Path, mqtt_base_topic: str) -> None:
     """After a broker restart: online + retained info/state republished, resubscribed, queue flushed."""
     broker = MosquittoBroker(tmp_path / "restart").start()
