@@ -1,22 +1,37 @@
 """Request payloads on ``{base}/request/<kind>``, validated with pydantic.
 
-Forgiving where it is safe, strict where a guess would be wrong: a payload that is not a JSON
-object is plain text (the prompt for chat, the id for cancel); unknown fields are ignored (clients
-grow fields); a known field of the wrong type is an error that names the field (``"0.5"`` for
-``temperature`` is refused rather than silently converted).
+Forgiving where it is safe, strict where a guess would be wrong: a payload that is not JSON is
+plain text (the prompt for chat, the id for cancel); a JSON array is refused (it is data, not a
+prompt); an unknown field is an error that names it and the closest known one (``"max_token": 5``
+would otherwise run without a limit); a known field of the wrong type or out of its range is an
+error that names the field (``"0.5"`` for ``temperature`` is refused rather than silently
+converted). JSON is read by ``npu.json_input``: a value it cannot use (a number of thousands of
+digits, ``NaN``, text that is not UTF-8) is refused by field, with the request's id echoed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+
+from npu.diffusion.params import SEED_BOUND as IMAGE_SEED
+from npu.json_input import JsonInputError, decode_utf8, first_invalid, loads
+from npu.llm.params import PARAM_BOUNDS
+from npu.validation import bounded, describe_errors
 
 logger = logging.getLogger(__name__)
 
 RequestId = StrictStr | StrictInt
+MQTT_MAX_PACKET = 268_435_455  # the largest payload MQTT can carry
+MAX_TIMEOUT_S = 86_400.0
+_STRICT = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _bound(name: str) -> Any:
+    """The validator holding a generation control to its ``PARAM_BOUNDS`` range."""
+    return bounded(PARAM_BOUNDS[name])
 
 
 class PayloadError(Exception):
@@ -30,14 +45,14 @@ class PayloadError(Exception):
 
 
 class _Payload(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    model_config = _STRICT
 
     id: RequestId | None = Field(default=None, description="caller's id, echoed as given in every reply")
     reply_to: StrictStr | None = Field(default=None, description="reply topic for MQTT 3.1.1 clients")
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    model_config = _STRICT
 
     role: StrictStr
     content: StrictStr
@@ -49,19 +64,21 @@ class ChatPayload(_Payload):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     prompt: StrictStr | None = None
     model: StrictStr | None = None
-    max_tokens: StrictInt | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: StrictInt | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    max_tokens: Annotated[StrictInt | None, _bound("max_tokens")] = None
+    temperature: Annotated[float | None, _bound("temperature")] = None
+    top_p: Annotated[float | None, _bound("top_p")] = None
+    top_k: Annotated[StrictInt | None, _bound("top_k")] = None
+    min_p: Annotated[float | None, _bound("min_p")] = None
+    repetition_penalty: Annotated[float | None, _bound("repetition_penalty")] = None
+    presence_penalty: Annotated[float | None, _bound("presence_penalty")] = None
+    frequency_penalty: Annotated[float | None, _bound("frequency_penalty")] = None
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt | None, _bound("seed")] = None  # -1: random
     stream: bool = False
-    max_bytes: StrictInt | None = Field(default=None, ge=1, description="cap of the plain-text copy")
-    timeout_s: float | None = Field(default=None, gt=0, description="deadline relative to receipt")
+    max_bytes: StrictInt | None = Field(default=None, ge=1, le=MQTT_MAX_PACKET,
+                                        description="cap of the plain-text copy")
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S,
+                                    description="deadline relative to receipt")
 
     @model_validator(mode="after")
     def _messages_or_prompt(self) -> ChatPayload:
@@ -79,13 +96,14 @@ class ImagePayload(_Payload):
     width: StrictInt | None = Field(default=None, ge=8, le=4096)
     height: StrictInt | None = Field(default=None, ge=8, le=4096)
     steps: StrictInt = Field(default=4, ge=1, le=8)
-    seed: StrictInt | None = Field(default=None, ge=0, le=2**32 - 1)
+    seed: Annotated[StrictInt | None, bounded(IMAGE_SEED)] = None  # -1: random
     guidance_scale: float = Field(default=1.0, ge=1.0, le=4.0)
     display: StrictStr | None = None
     format: Literal["png", "jpeg"] | None = None
     quality: StrictInt | None = Field(default=None, ge=40, le=100)
     stream: bool = False
-    timeout_s: float | None = Field(default=None, gt=0, description="deadline relative to receipt")
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S,
+                                    description="deadline relative to receipt")
 
 
 class CancelPayload(_Payload):
@@ -113,8 +131,8 @@ class SimPayload(_Payload):
     """``{base}/request/sim``: steer the simulated card (``device.backend: sim`` only)."""
 
     device: StrictInt | None = Field(default=None, ge=0)
-    temperature_c: float | None = None
-    cmm_used_mib: float | None = Field(default=None, ge=0)
+    temperature_c: float | None = Field(default=None, ge=-50, le=200)
+    cmm_used_mib: float | None = Field(default=None, ge=0, le=2**20)
     npu_load_pct: float | None = Field(default=None, ge=0, le=100)
     fault: Literal["none", "hang", "reset", "dead"] | None = None
 
@@ -131,21 +149,29 @@ def decode_payload(raw: bytes) -> dict[str, Any] | str:
     """A JSON object as a dict, anything else as text.
 
     A payload whose first non-blank character is ``{`` must be valid JSON: treating broken JSON
-    as a prompt would answer a question nobody asked.
+    as a prompt would answer a question nobody asked; so must one that starts with ``[`` and
+    parses (an array is refused). Values the JSON reader could not use stay in the dict as
+    ``Invalid`` for ``validate_payload`` to refuse by name, once the id has been read.
     """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PayloadError("bad_request", f"payload is not valid UTF-8 (byte {exc.start})") from exc
-    stripped = text.strip()
-    if stripped.startswith("{"):
+    text, bad_byte = decode_utf8(raw)
+    stripped = text.strip().lstrip("\ufeff")
+    if stripped.startswith(("{", "[")):
         try:
-            obj = json.loads(stripped)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise PayloadError("bad_request", f"payload is not valid JSON: {exc}") from exc
-        if not isinstance(obj, dict):  # pragma: no cover - '{' always parses to a dict
-            raise PayloadError("bad_request", "payload must be a JSON object")
-        return obj
+            obj = loads(stripped)
+        except JsonInputError as exc:
+            if bad_byte is not None:
+                raise PayloadError("bad_request", f"payload is not valid UTF-8 (byte {bad_byte})") from exc
+            if not exc.syntax:
+                raise PayloadError("bad_request", f"payload cannot be read: {exc}") from exc
+            if stripped.startswith("{"):
+                raise PayloadError("bad_request", f"payload is not valid JSON: {exc}") from exc
+            obj = None  # "[INST] ..." and the like: plain text
+        if isinstance(obj, dict):
+            return obj
+        if isinstance(obj, list):
+            raise PayloadError("bad_request", "payload is a JSON array; send a JSON object or plain text")
+    if bad_byte is not None:
+        raise PayloadError("bad_request", f"payload is not valid UTF-8 (byte {bad_byte})")
     return text
 
 
@@ -159,16 +185,12 @@ def usable_id(obj: dict[str, Any] | str) -> str | int | None:
     return value
 
 
-def describe_validation(exc: ValidationError) -> str:
+def describe_validation(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
     """One line naming each bad field: ``temperature: Input should be a valid number``."""
-    parts = []
-    for err in exc.errors(include_url=False)[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        msg = err.get("msg", "invalid")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    more = exc.error_count() - len(parts)
-    if more > 0:
-        parts.append(f"and {more} more")
+    lines = [line for _, line in describe_errors(exc.errors(include_url=False), model)]
+    parts = lines[:5]
+    if len(lines) > len(parts):
+        parts.append(f"and {len(lines) - len(parts)} more")
     return "; ".join(parts)
 
 
@@ -181,7 +203,11 @@ def validate_payload(
             obj = {}
         else:
             obj = {text_field: obj.strip() if text_field == "id" else obj}
+    found = first_invalid(obj)
+    if found is not None:
+        path, invalid = found
+        raise PayloadError("bad_request", f"{path}: {invalid.problem}", usable_id(obj))
     try:
         return model.model_validate(obj)
     except ValidationError as exc:
-        raise PayloadError("bad_request", describe_validation(exc), usable_id(obj)) from exc
+        raise PayloadError("bad_request", describe_validation(exc, model), usable_id(obj)) from exc

@@ -6,10 +6,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from npu.bounds import Bound
 from npu.diffusion.image_encode import ImageFormat
 
 DEFAULT_STEPS = 4
 MAX_GUIDANCE = 4.0
+SEED_MAX = 2**32 - 1  # the noise generator's seeds; n pictures use seed, seed + 1, ... modulo 2**32
+SEED_BOUND = Bound(0, SEED_MAX, f"-1 (random) or from 0 to {SEED_MAX}", random=-1)
 
 
 @dataclass(frozen=True)

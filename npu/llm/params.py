@@ -9,7 +9,44 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from npu.bounds import Bound
+
 FinishReason = Literal["stop", "length"]
+
+SEED_RANDOM = -1  # what llama.cpp clients send for "draw a seed"
+SEED_MAX = 2**63 - 1  # OpenAI's seed is a signed 64-bit integer
+TOP_K_MAX = 262_144  # the largest vocabularies; top_k at or above a model's keeps every token
+# No token of the vocabularies this appliance runs spans more characters (SmolLM2's longest: 81),
+# so a prompt of more than this many characters per token of context cannot fit and is refused
+# before the tokenizer spends seconds on it.
+MAX_CHARS_PER_TOKEN = 128
+
+# The range of every numeric control, what the sampler and the penalties can use (finite values:
+# an infinite penalty turns logits into NaN, a top_k past the vocabulary does nothing).
+PARAM_BOUNDS: dict[str, Bound] = {
+    "max_tokens": Bound(1, 131_072, "from 1 to 131072"),
+    "temperature": Bound(0.0, 2.0, "from 0 (greedy) to 2"),
+    "top_p": Bound(0.0, 1.0, "greater than 0 and at most 1 (1: off)", low_open=True),
+    "top_k": Bound(0, TOP_K_MAX, f"from 0 (off) to {TOP_K_MAX}"),
+    "min_p": Bound(0.0, 1.0, "from 0 (off) to less than 1", high_open=True),
+    "repetition_penalty": Bound(0.01, 10.0, "from 0.01 to 10 (1: off)"),
+    "presence_penalty": Bound(-2.0, 2.0, "from -2 to 2 (0: off)"),
+    "frequency_penalty": Bound(-2.0, 2.0, "from -2 to 2 (0: off)"),
+    "seed": Bound(0, SEED_MAX, f"-1 (random) or from 0 to {SEED_MAX}", random=SEED_RANDOM),
+}
+
+
+class ParamError(ValueError):
+    """Parameters out of their range; ``fields`` names them in order, the message says why."""
+
+    def __init__(self, problems: list[str], fields: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.fields = tuple(fields)
+
+
+def max_prompt_chars(context_length: int) -> int:
+    """The most characters a prompt may have and still fit ``context_length`` tokens."""
+    return context_length * MAX_CHARS_PER_TOKEN
 
 
 @dataclass(frozen=True)
@@ -18,7 +55,8 @@ class GenerationParams:
 
     ``temperature == 0`` is greedy decoding. ``top_k == 0``, ``top_p == 1`` and ``min_p == 0``
     disable their filters; penalties of 0 (or 1 for ``repetition_penalty``) disable theirs.
-    ``seed`` makes a sampled answer reproducible; ``None`` draws from fresh entropy.
+    ``seed`` makes a sampled answer reproducible; ``None`` (or ``-1``) draws from fresh entropy.
+    Every numeric field must lie in its ``PARAM_BOUNDS`` range, else ``ParamError``.
     """
 
     max_tokens: int = 256
@@ -33,27 +71,19 @@ class GenerationParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.max_tokens < 1:
-            problems.append("max_tokens must be at least 1")
-        if not 0.0 <= self.temperature <= 2.0:
-            problems.append("temperature must be between 0 and 2")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            problems.append("top_k must be 0 (off) or positive")
-        if not 0.0 <= self.min_p < 1.0:
-            problems.append("min_p must be in [0, 1)")
-        if self.repetition_penalty <= 0.0:
-            problems.append("repetition_penalty must be positive")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            problems.append("presence_penalty must be between -2 and 2")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            problems.append("frequency_penalty must be between -2 and 2")
+        if self.seed == SEED_RANDOM:
+            object.__setattr__(self, "seed", None)
+        problems, fields = [], []
+        for name, bound in PARAM_BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and not bound.admits(value):
+                problems.append(f"{name} {bound.must_be()}")
+                fields.append(name)
         if any(not s for s in self.stop):
             problems.append("stop strings must not be empty")
+            fields.append("stop")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ParamError(problems, fields)
 
 
 @dataclass
