@@ -75,10 +75,12 @@ ensure_mosquitto() {
   command -v mosquitto_pub >/dev/null || apt_install mosquitto-clients
 }
 
-# What the deployment tests use: openssl (TLS pairs) and systemd-analyze (unit checks).
+# What the deployment tests use: openssl (TLS pairs), systemd-analyze (unit checks) and curl (the
+# README's examples, run as printed).
 ensure_test_tools() {
   command -v openssl >/dev/null || apt_install openssl
   command -v systemd-analyze >/dev/null || apt_install systemd
+  command -v curl >/dev/null || apt_install curl
   ensure_node_red
 }
 
