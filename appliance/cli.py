@@ -111,7 +111,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """One completion streamed to stdout; a summary line on stderr."""
+    """One completion streamed to stdout; a summary line on stderr.
+
+    A prompt that cannot fit the model's context is refused before the model loads.
+    """
+    from appliance.prompt_size import check_prompt_size
     from npu.llm.params import GenerationParams
     from npu.llm.runner import LLMRunner
 
@@ -119,9 +123,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed,
     )
-    runner = LLMRunner.load(args.model, backend=args.backend, device_id=args.device_id)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
+    check_prompt_size(args.model, messages, args.backend)
+    runner = LLMRunner.load(args.model, backend=args.backend, device_id=args.device_id)
     last = None
     ends_with_newline = True
     for last in runner.stream_chat(messages, params):

@@ -127,6 +127,40 @@ def test_chat_bad_parameter_is_one_line_exit_2(tmp_path: Path, capsys: pytest.Ca
     assert err == "appliance chat: temperature must be between 0 and 2"
 
 
+
+def test_chat_refuses_a_prompt_too_long_before_loading_the_model(  # type: ignore[no-untyped-def]
+    tiny_bundles, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from appliance import prompt_size
+    from npu.llm.runner import LLMRunner
+
+    bundle = tiny_bundles["qwen2"][1]
+    limit = prompt_size.prompt_token_limit(bundle, "onnx")
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded for a prompt that cannot fit")
+
+    monkeypatch.setattr(LLMRunner, "load", no_load)
+    assert main(["chat", "--model", str(bundle), "--backend", "onnx", "word " * (limit + 10)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("appliance chat: the prompt has ") and f"the {limit} prompt tokens" in err, err
+
+    def no_tokenizer(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a prompt longer than any that fits was tokenized")
+
+    monkeypatch.setattr(prompt_size, "PromptEncoder", no_tokenizer)
+    huge = "x" * (prompt_size.max_prompt_chars(limit) + 1)
+    assert main(["chat", "--model", str(bundle), "--backend", "onnx", huge]) == 2
+    assert "characters" in capsys.readouterr().err
+
+    def loaded(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("load reached")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(LLMRunner, "load", loaded)
+    assert main(["chat", "--model", str(bundle), "--backend", "onnx", "Hi"]) == 2
+    assert capsys.readouterr().err.strip() == "appliance chat: load reached", "a prompt that fits loads"
+
 def test_convert_needs_force_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dest = fake_bundle(tmp_path / "bundle")
     assert main(["models", "convert", str(tmp_path / "x.gguf"), str(dest)]) == 2
