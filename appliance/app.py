@@ -118,6 +118,8 @@ class Appliance:
         self.http: HttpServer | None = None
         if config.http.enabled:
             settings = BridgeSettings(api_key=config.http.api_key, max_n=config.http.max_n,
+                                      max_body=config.http.max_body,
+                                      cors_origins=tuple(config.http.cors_origins),
                                       image_url_ttl=config.images.url_ttl,
                                       raw_prompt_special_tokens=config.http.raw_prompt_special_tokens)
             self.http = HttpServer(create_app(self.engine, settings), config.http.host, config.http.port)

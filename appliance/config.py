@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,6 +31,9 @@ from pydantic import (
     model_validator,
 )
 
+from bridge_http.body_guard import DEFAULT_MAX_BODY
+from handlers.context import DEFAULT_MAX_PAYLOAD
+
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "APPLIANCE_"
@@ -37,6 +41,16 @@ DEFAULT_FILE = "appliance.yaml"
 DEMO_MODEL_ID = "smollm2-135m-instruct"
 _WILDCARDS = re.compile(r"[+#\x00]")
 _NOT_ONE_LEVEL = re.compile(r"[/+#\x00]")
+_ORIGIN = re.compile(r"^https?://[^/\s]+$")
+
+
+def _origin(value: str) -> str:
+    if value != "*" and not _ORIGIN.match(value):
+        raise ValueError(f"{value!r} is not an origin: give scheme://host[:port] with no path, or '*'")
+    return value
+
+
+Origin = Annotated[str, AfterValidator(_origin)]
 
 
 class ConfigError(Exception):
@@ -108,7 +122,7 @@ class MqttConfig(BaseConfig):
     )
     keepalive: int = Field(30, ge=5, le=3600, description="MQTT keepalive, seconds")
     max_payload: int = Field(
-        65536, ge=1024, le=16 * 2**20, description="Largest request payload accepted, bytes"
+        DEFAULT_MAX_PAYLOAD, ge=1024, le=16 * 2**20, description="Largest request payload accepted, bytes"
     )
 
     @field_validator("base_topic")
@@ -160,6 +174,15 @@ class HttpConfig(BaseConfig):
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port)")
     api_key: str | None = Field(
         None, min_length=1, max_length=256, description="Bearer token required on /v1/* (None: open)"
+    )
+    max_body: int = Field(
+        DEFAULT_MAX_BODY, ge=1024, le=64 * 2**20,
+        description="Largest request body accepted, bytes; more is a 413 before anything is parsed",
+    )
+    cors_origins: list[Origin] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the bridge (CORS), e.g. http://gallery.local:8080, "
+        "or '*' for any; empty: CORS off",
     )
     max_n: int = Field(4, ge=1, le=16, description="Largest 'n' (choices per request) accepted")
     raw_prompt_special_tokens: bool = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from bridge_http.body_guard import DEFAULT_MAX_BODY
 from bridge_http.image_store import ImageStore
 from npu.engine.engine import Engine
 
@@ -12,6 +13,8 @@ from npu.engine.engine import Engine
 @dataclass(frozen=True)
 class BridgeSettings:
     api_key: str | None = None
+    max_body: int = DEFAULT_MAX_BODY  # bytes of a request body; more is a 413 before any parsing
+    cors_origins: tuple[str, ...] = ()  # browser origins answered on CORS preflight (none: off)
     max_n: int = 4
     ping_interval: float = 10.0  # seconds of silence before a ': ping' comment in a stream
     progress_ping_interval: float = 1.0  # at most one ping this often while a prompt is prefilled

@@ -14,7 +14,7 @@ from bridge_http import shapes
 from bridge_http.auth import require_api_key
 from bridge_http.bridge import Bridge
 from bridge_http.jobs import JobGroup
-from bridge_http.params import chat_requests, completion_requests
+from bridge_http.params import chat_requests, check_prompt_chars, completion_requests
 from bridge_http.schemas import ChatCompletionRequest, CompletionRequest
 from bridge_http.streaming import SSE_HEADERS, chat_format, collect, stream_sse, text_format
 
@@ -44,6 +44,8 @@ async def handle_completions(body: CompletionRequest, request: Request) -> Respo
     bridge: Bridge = request.app.state.bridge
     cid, created = shapes.new_id("cmpl"), shapes.now()
     model = bridge.model_id(body.model)
+    for prompt in body.prompts():
+        check_prompt_chars([prompt], bridge.context_length(model), "prompt")
     settings = bridge.settings
     jobs = completion_requests(body, cid, settings.max_n, settings.raw_prompt_special_tokens)
     prompts = body.prompts()

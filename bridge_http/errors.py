@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from npu.engine.api import EngineError, ErrorCode
+from npu.validation import describe_errors
 
 logger = logging.getLogger(__name__)
 
@@ -102,18 +103,16 @@ def error_body(
 
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     """One readable line for pydantic's errors, and the first bad field as OpenAI's ``param``."""
-    parts = []
-    param = None
-    for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        # Drop pydantic's union/discriminator branch names from the path.
-        loc = [p for p in loc if not p.startswith(("str", "list[", "function-", "tagged-union["))]
-        where = ".".join(loc)
-        param = param or where or None
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}" if where else msg)
-    unique = list(dict.fromkeys(parts))
-    return "; ".join(unique[:5]) or "invalid request", param
+    if any(tuple(err.get("loc", ())) == ("body",) and err.get("type") == "missing" for err in errors):
+        return "the request has no body: send a JSON object with Content-Type: application/json", None
+    body_first = [{**err, "loc": _without_body(tuple(err.get("loc", ())))} for err in errors]
+    described = describe_errors(body_first)
+    param = next((path for path, _ in described if path), None)
+    return "; ".join(line for _, line in described[:5]) or "invalid request", param
+
+
+def _without_body(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    return loc[1:] if loc[:1] == ("body",) else loc
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from npu.diffusion.params import SEED_BOUND
+from npu.validation import bounded
 
 SIZE = re.compile(r"^(\d{1,4})x(\d{1,4})$")
 
@@ -13,7 +16,7 @@ SIZE = re.compile(r"^(\d{1,4})x(\d{1,4})$")
 class ImageGenerationRequest(BaseModel):
     """OpenAI's fields, plus ``seed``, ``steps``, ``negative_prompt`` and ``guidance_scale``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: str = Field(..., min_length=1, max_length=4000)
     model: str | None = None
@@ -24,7 +27,7 @@ class ImageGenerationRequest(BaseModel):
     output_compression: int | None = Field(None, ge=0, le=100, description="JPEG quality")
     quality: str | None = None  # OpenAI's standard/hd/auto: one quality here; accepted and ignored
     style: str | None = None
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    seed: Annotated[int | None, bounded(SEED_BOUND)] = None  # -1: random
     steps: int | None = Field(None, ge=1, le=8)
     negative_prompt: str = ""
     guidance_scale: float = Field(1.0, ge=1.0, le=4.0)
@@ -48,7 +51,7 @@ class Txt2ImgRequest(BaseModel):
     default of 7 would ruin its pictures; ``sampler_name`` is always LCM.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: str = Field(..., min_length=1, max_length=4000)
     negative_prompt: str = ""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from bridge_http.errors import OpenAIError
 from bridge_http.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from npu.engine.api import ChatRequest
-from npu.llm.params import GenerationParams
+from npu.llm.params import SEED_MAX, GenerationParams, ParamError, max_prompt_chars
 
 _FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -17,13 +18,28 @@ LEGACY_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 def generation_params(body: SamplingFields, max_tokens: int, seed_offset: int = 0) -> GenerationParams:
-    """Fields left out keep the engine's defaults; choice ``i`` of ``n`` samples with ``seed + i``."""
+    """Fields left out keep the engine's defaults; choice ``i`` of ``n`` samples with ``seed + i``
+    (wrapping inside the seed range)."""
     given: dict[str, Any] = {f: getattr(body, f) for f in _FIELDS if getattr(body, f) is not None}
-    seed = None if body.seed is None else body.seed + seed_offset
+    seed = None if body.seed is None else (body.seed + seed_offset) % (SEED_MAX + 1)
     try:
         return GenerationParams(max_tokens=max_tokens, stop=body.stop_list(), seed=seed, **given)
+    except ParamError as exc:
+        raise OpenAIError(400, str(exc), param=exc.fields[0], code="invalid_value") from exc
     except ValueError as exc:
         raise OpenAIError(400, str(exc), code="invalid_value") from exc
+
+
+def check_prompt_chars(texts: Iterable[str], context_length: int | None, param: str) -> None:
+    """Refuse a prompt too long to fit before it is tokenized (seconds for megabytes of text)."""
+    if context_length is None:
+        return
+    chars, limit = sum(len(t) for t in texts), max_prompt_chars(context_length)
+    if chars > limit:
+        raise OpenAIError(
+            400, f"the prompt is {chars} characters; a model with a context of {context_length} tokens "
+            f"reads at most {limit}", param=param, code="context_length_exceeded",
+        )
 
 
 def check_n(body: SamplingFields, max_n: int, prompts: int = 1) -> None:
@@ -45,6 +61,7 @@ def chat_requests(
     check_n(body, max_n)
     limit = body.token_limit or context_length or 4096
     messages = [m.for_template() for m in body.messages]
+    check_prompt_chars((m["content"] for m in messages), context_length, "messages")
     return [
         ChatRequest(
             model=body.model,

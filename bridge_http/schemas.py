@@ -2,7 +2,8 @@
 
 Unknown fields are ignored, as OpenAI clients expect (they send ``user``, ``metadata``,
 ``store``...). Known fields this appliance cannot honour (tools, logprobs, JSON mode, images) are
-refused with a message naming the field, rather than silently producing something else.
+refused with a message naming the field, rather than silently producing something else. Numeric
+controls are held to the ranges of ``npu.llm.params.PARAM_BOUNDS``, and numbers must be finite.
 """
 
 from __future__ import annotations
@@ -11,11 +12,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from npu.llm.params import PARAM_BOUNDS
+from npu.validation import bounded
+
 MAX_STOP = 16
 
 
+def _bound(name: str) -> Any:
+    """The validator holding a generation control to its ``PARAM_BOUNDS`` range."""
+    return bounded(PARAM_BOUNDS[name])
+
+
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(RequestModel):
@@ -78,15 +87,15 @@ class SamplingFields(RequestModel):
     """Fields shared by chat and legacy completions; ``None`` keeps the engine default."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0.0, lt=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    seed: int | None = None
+    max_tokens: Annotated[int | None, _bound("max_tokens")] = None
+    temperature: Annotated[float | None, _bound("temperature")] = None
+    top_p: Annotated[float | None, _bound("top_p")] = None
+    top_k: Annotated[int | None, _bound("top_k")] = None
+    min_p: Annotated[float | None, _bound("min_p")] = None
+    repetition_penalty: Annotated[float | None, _bound("repetition_penalty")] = None
+    presence_penalty: Annotated[float | None, _bound("presence_penalty")] = None
+    frequency_penalty: Annotated[float | None, _bound("frequency_penalty")] = None
+    seed: Annotated[int | None, _bound("seed")] = None  # -1: random, as llama.cpp clients send
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
@@ -115,7 +124,7 @@ class SamplingFields(RequestModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Annotated[int | None, _bound("max_tokens")] = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
