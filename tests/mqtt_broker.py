@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -13,7 +14,34 @@ from pathlib import Path
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_ports = random.Random()
+
+
 def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range.
+
+    A client that reconnects while its broker is down is given an ephemeral source port; if that
+    port is the broker's own, the socket connects to itself (TCP simultaneous open) and holds the
+    port in TIME-WAIT for a minute, so the broker cannot start again. Below the range that cannot
+    happen.
+    """
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = _ports.randrange(10000, max(10001, low))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -53,14 +81,6 @@ class MosquittoBroker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                in_use = "Address already in use" in self.log.read_text()[-300:]
-                if in_use and time.monotonic() < deadline - 1:
-                    # A reconnecting client's socket can hold the port for a moment: try again.
-                    time.sleep(0.5)
-                    log = self.log.open("ab")
-                    self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=log)
-                    log.close()
-                    continue
                 raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}\n{self._holders()}")
             if port_open(self.port):
                 return self

@@ -37,7 +37,7 @@ SENDER = "tester"
 BASE = "crash"
 
 
-class Tester:
+class Prompter:
     """A persistent MQTT 5 client: replies sent while it is away wait for it at the broker."""
 
     def __init__(self, port: int) -> None:
@@ -108,7 +108,7 @@ class ApplianceProcess:
                 self.proc.wait(10)
 
 
-Rig = tuple[MosquittoBroker, "ApplianceProcess", Tester]
+Rig = tuple[MosquittoBroker, "ApplianceProcess", Prompter]
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def rig(tmp_path: Path, tiny_bundles: dict[str, tuple[Path, Path]]) -> Iterator[
     config = write_config(tmp_path, broker.port, BASE, tiny_bundles["llama"][1],
                           engine={"queue_max": 64, "max_active": 2})
     app = ApplianceProcess(config, tmp_path / "appliance.log")
-    tester = Tester(broker.port)
+    tester = Prompter(broker.port)
     app.start()
     # Its first connection creates the appliance's persistent session; from then on nothing is
     # dropped. Until its subscription stands, a prompt is dropped by the broker: probe until answered.
@@ -138,7 +138,7 @@ def rig(tmp_path: Path, tiny_bundles: dict[str, tuple[Path, Path]]) -> Iterator[
         broker.stop()
 
 
-def check_every_id_answered_once(tester: Tester, ids: list[str], before: set[str], log: Path) -> int:
+def check_every_id_answered_once(tester: Prompter, ids: list[str], before: set[str], log: Path) -> int:
     """Every id answered, none generated twice; returns how many replies came a second time."""
     tester.wait(lambda: set(tester.replies) >= set(ids), 120,
                 f"every id to be answered (log: {log.read_text()[-3000:]})")
@@ -153,7 +153,7 @@ def check_every_id_answered_once(tester: Tester, ids: list[str], before: set[str
     return sum(1 for v in replies.values() if len(v) > 1)
 
 
-def answered(tester: Tester) -> set[str]:
+def answered(tester: Prompter) -> set[str]:
     with tester.cond:
         return set(tester.replies)
 
@@ -174,6 +174,23 @@ def test_kill_9_in_the_middle_of_a_burst_loses_nothing(rig: Rig, seed: int) -> N
     assert len(before) < N, "the kill came after the burst: nothing was tested"
     print(f"kill -9 (seed {seed}): {len(before)}/{N} answered before, {N - len(before)} after the restart, "
           f"{resent} reply sent again")
+
+
+def test_a_stop_in_the_middle_of_a_burst_keeps_the_waiting_requests_for_the_next_start(rig: Rig) -> None:
+    """``systemctl restart``: what the stop would refuse stays accepted and is answered after it."""
+    _, app, tester = rig
+    ids = [f"t-{i}" for i in range(N)]
+    tester.ask(ids)
+    tester.wait(lambda: tester.answered() >= 3, 60, "the first answers")
+    app.stop()
+    before = answered(tester)
+    with tester.cond:
+        refused = [c for copies in tester.replies.values() for c in copies if b'"status":"error"' in c]
+    assert refused == [], "a stop must not answer waiting requests with an error"
+    app.start()
+    resent = check_every_id_answered_once(tester, ids, before, app.log)
+    assert len(before) < N and resent == 0
+    print(f"stop (SIGTERM): {len(before)}/{N} answered before, {N - len(before)} after the restart")
 
 
 def test_a_broker_restart_and_a_kill_while_it_is_down_lose_nothing(rig: Rig) -> None:
