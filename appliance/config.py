@@ -33,6 +33,7 @@ from pydantic import (
 
 from bridge_http.body_guard import DEFAULT_MAX_BODY
 from handlers.context import DEFAULT_MAX_PAYLOAD
+from npu.validation import clean_message
 
 logger = logging.getLogger(__name__)
 
@@ -460,7 +461,7 @@ def format_errors(
         elif kind == "model_type":
             problem = f"must be a mapping of keys; allowed: {', '.join(_allowed_keys(root, loc))}"
         else:
-            problem = item["msg"].removeprefix("Value error, ")
+            problem = clean_message(item["msg"])
             if isinstance(value, str | int | float | bool) or value is None:
                 problem += f" (got {value!r})"
         text_loc = tuple(str(p) for p in loc)

@@ -279,6 +279,8 @@ def test_cors_origins_from_the_config_reach_a_served_bridge(tmp_path: Path) -> N
         "models": [{"id": "m", "path": str(tmp_path / "no-model")}],
     }))
     appliance = Appliance(load_config(config, env={}))
+    if appliance.journal is not None:
+        appliance.journal.close()  # never started: nothing else to stop
     assert appliance.http is not None
     settings = appliance.http.server.config.app.state.bridge.settings
     assert settings.cors_origins == (ORIGIN,) and settings.max_body == 4096
