@@ -124,7 +124,7 @@ def test_chat_missing_bundle_is_one_line_exit_2(tmp_path: Path) -> None:
 def test_chat_bad_parameter_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["chat", "--model", str(tmp_path), "--temperature", "5", "hi"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "appliance chat: temperature must be between 0 and 2"
+    assert err == "appliance chat: temperature must be from 0 (greedy) to 2"
 
 
 
