@@ -119,6 +119,10 @@ class LayerStack:
                 from npu.llm.resident_stack import ResidentLayerStack
 
                 return ResidentLayerStack(sessions[:-1], sessions[-1], args, plan)  # type: ignore[arg-type,return-value]
+            if concrete == "onnx" and not plan.static:  # the CPU twin: dynamic shapes, IO binding
+                from npu.llm.onnx_stack import OnnxLayerStack
+
+                return OnnxLayerStack(sessions[:-1], sessions[-1], args, plan)
             return cls(sessions[:-1], sessions[-1], args, plan)
         except BaseException:
             for session in sessions:
