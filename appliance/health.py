@@ -38,14 +38,14 @@ class HealthChecks:
         self.levels: dict[int, ThermalLevel] = {}
 
     def device_ids(self) -> list[int]:
-        return [w.device_id for w in self.engine.workers]
+        return [d.device_id for d in self.engine.devices()]
 
     def check(self) -> list[DeviceReading]:
         readings = []
         for device in self.device_ids():
             reading = self.monitor.read(device)
             readings.append(reading)
-            self.engine.readings[device] = reading
+            self.engine.record_reading(reading)
             self._thermal(reading)
             self.engine.metrics.record_reading(reading, int(self.levels.get(device, ThermalLevel.NORMAL)))
             if not reading.alive:
@@ -68,13 +68,12 @@ class HealthChecks:
 
     def _dead(self, reading: DeviceReading) -> None:
         device = reading.device_id
-        if device in self.engine.recovering or device in self.engine.failed_devices:
+        snapshot = next((d for d in self.engine.devices() if d.device_id == device), None)
+        if snapshot is None or snapshot.recovering or snapshot.failed is not None:
             return
-        worker = next((w for w in self.engine.workers if w.device_id == device), None)
-        if worker is not None:
-            reason = reading.error or f"device {device} does not answer"
-            self.engine.emit_event("device_dead", device=device, reason=reason)
-            self.engine.start_recovery(worker, reason)
+        reason = reading.error or f"device {device} does not answer"
+        self.engine.emit_event("device_dead", device=device, reason=reason)
+        self.engine.recover_device(device, reason)
 
     def thermal_labels(self) -> dict[int, str]:
         return {d: self.levels.get(d, ThermalLevel.NORMAL).label for d in self.device_ids()}
@@ -91,8 +90,7 @@ class TelemetryJob:
         self.rate = TokenRate(last_tokens=generated_tokens(engine))
 
     def run(self) -> dict[str, Any]:
-        ids = self.health.device_ids()
-        readings = [self.engine.readings.get(d) or self.health.monitor.read(d) for d in ids]
+        readings = [d.reading or self.health.monitor.read(d.device_id) for d in self.engine.devices()]
         payload = build_telemetry(self.engine, readings, self.health.thermal_labels(),
                                   self.rate.update(generated_tokens(self.engine)), self.started_at)
         self.publish(self.topics.telemetry, json.dumps(payload), qos=0, retain=True)

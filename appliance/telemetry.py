@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from npu.device.base import DeviceReading
-from npu.engine.api import EngineState
-from npu.engine.engine import Engine
+from npu.engine.api import EngineClient, EngineState
 
 HEADLINE = ("temperature_c", "cmm_free_mib", "npu_load_pct", "queue_depth", "running", "tokens_per_s",
             "requests", "errors", "uptime_s")
 STATE_FIGURES = ("queue_depth", "running")  # published with {base}/state, not on the telemetry interval
+GENERATION_TOKENS = "appliance_generation_tokens"  # the engine's counter, per model
 
 
 @dataclass
@@ -37,10 +37,12 @@ class TokenRate:
         return max(0.0, rate)
 
 
-def generated_tokens(engine: Engine) -> float:
+def generated_tokens(engine: EngineClient) -> float:
+    """Every model's generated tokens so far, from the engine's Prometheus registry."""
     total = 0.0
-    for metric in engine.metrics.generation_tokens.collect():
-        total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
+    for metric in engine.registry.collect():
+        if metric.name == GENERATION_TOKENS:
+            total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
     return total
 
 
@@ -57,7 +59,7 @@ def summarise(readings: list[DeviceReading]) -> dict[str, float | None]:
 
 
 def build_telemetry(
-    engine: Engine, readings: list[DeviceReading], thermal: dict[int, str], tokens_per_s: float,
+    engine: EngineClient, readings: list[DeviceReading], thermal: dict[int, str], tokens_per_s: float,
     started_at: float, now: float | None = None,
 ) -> dict[str, Any]:
     now = time.time() if now is None else now

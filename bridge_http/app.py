@@ -23,13 +23,13 @@ from bridge_http.errors import install_error_handlers
 from bridge_http.images import files_router as image_files_router
 from bridge_http.images import router as images_router
 from bridge_http.status import models_router, status_router
-from npu.engine.engine import Engine
+from npu.engine.api import EngineClient
 
 # llama.cpp's server answers these without the /v1 prefix, and its clients call them so.
 UNVERSIONED = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model_id}")
 
 
-def create_app(engine: Engine, settings: BridgeSettings | None = None) -> FastAPI:
+def create_app(engine: EngineClient, settings: BridgeSettings | None = None) -> FastAPI:
     settings = settings or BridgeSettings()
     app = FastAPI(title="appliance", summary="OpenAI-compatible bridge to the resident models", docs_url=None,
                   redoc_url=None, openapi_url=None)

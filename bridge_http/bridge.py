@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from bridge_http.body_guard import DEFAULT_MAX_BODY
 from bridge_http.image_store import ImageStore
-from npu.engine.engine import Engine
+from npu.engine.api import EngineClient
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class BridgeSettings:
 
 @dataclass
 class Bridge:
-    engine: Engine
+    engine: EngineClient
     settings: BridgeSettings = field(default_factory=BridgeSettings)
     created: int = field(default_factory=lambda: int(time.time()))
     images: ImageStore = field(init=False)

@@ -15,15 +15,14 @@ from functools import partial
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from npu.engine.api import Done, EngineError, Failed, JobEvent, JobHandle
+from npu.engine.api import Done, EngineClient, EngineError, Failed, JobEvent, JobHandle
 from npu.engine.api import Request as JobRequest
-from npu.engine.engine import Engine
 
 IDLE = None  # yielded by ``events`` when nothing happened for ``idle_after`` seconds
 
 
 class JobGroup:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineClient) -> None:
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, JobEvent]] = asyncio.Queue()

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from bridge_http.auth import require_api_key
 from bridge_http.bridge import Bridge
 from bridge_http.errors import OpenAIError
-from npu.engine.api import ModelInfo
+from npu.engine.api import EngineClient, ModelInfo
 
 READY = ("idle", "busy")
 
@@ -45,9 +45,8 @@ async def handle_model(model_id: str, request: Request) -> dict[str, Any]:
 @status_router.get("/health")
 async def handle_health(request: Request) -> Response:
     """200 when requests are being taken; 503 (with the reason) while loading, paused or recovering."""
-    engine = request.app.state.bridge.engine
+    engine: EngineClient = request.app.state.bridge.engine
     state = engine.state()
-    recovering, failed = engine.recovering, engine.failed_devices
     body = {
         "status": "ok" if state.state in READY else "unavailable",
         **asdict(state),
@@ -57,10 +56,10 @@ async def handle_health(request: Request) -> Response:
         "jobs_done": engine.jobs_done,
         "jobs_failed": engine.jobs_failed,
         "devices": [
-            {**reading.as_dict(), "thermal": worker.thermal.label,
-             "recovering": worker.device_id in recovering, "failed": failed.get(worker.device_id)}
-            for worker in engine.workers
-            if (reading := engine.readings.get(worker.device_id)) is not None
+            {**device.reading.as_dict(), "thermal": device.thermal, "recovering": device.recovering,
+             "failed": device.failed}
+            for device in engine.devices()
+            if device.reading is not None
         ],
     }
     if state.state in READY:
@@ -70,5 +69,6 @@ async def handle_health(request: Request) -> Response:
 
 @status_router.get("/metrics")
 async def handle_metrics(request: Request) -> Response:
-    registry = request.app.state.bridge.engine.metrics.registry
+    engine: EngineClient = request.app.state.bridge.engine
+    registry = engine.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from handlers.acceptance import JournalLike
 from npu.diffusion.image_encode import ImageFormat
-from npu.engine.api import EngineState, JobHandle, ModelInfo, Request, Sink
+from npu.engine.api import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +37,6 @@ class PublishFn(Protocol):
         *,
         on_delivered: Callable[[], None] | None = None,
     ) -> Any: ...
-
-
-class EngineLike(Protocol):
-    """The slice of ``npu.engine.engine.Engine`` the handlers use."""
-
-    def submit(self, request: Request, sink: Sink) -> JobHandle: ...
-    def cancel(self, request_id: str) -> int: ...
-    def state(self) -> EngineState: ...
-    def models(self) -> list[ModelInfo]: ...
-    def pause(self, reason: str = ...) -> None: ...
-    def resume(self) -> None: ...
-    def reload(self, model_id: str | None = None) -> None: ...
-    def restart(self, reason: str = ...) -> list[int]: ...
 
 
 class TopicsLike(Protocol):
@@ -100,7 +87,7 @@ class ImageDefaults:
 
 @dataclass(frozen=True)
 class HandlerContext:
-    engine: EngineLike
+    engine: EngineClient
     publish: PublishFn
     topics: TopicsLike
     limits: Limits = Limits()

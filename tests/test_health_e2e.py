@@ -89,7 +89,7 @@ def test_a_card_reading_infinity_is_null_not_a_500(  # type: ignore[no-untyped-d
         c.subscribe(f"{base}/telemetry", f"{base}/telemetry/+")
         app.monitor.set(0, temperature_c=float("inf"), npu_load_pct=float("nan"))
         deadline = time.monotonic() + 10
-        while getattr(app.engine.readings.get(0), "temperature_c", 50.0) == 50.0:
+        while getattr(app.engine.devices()[0].reading, "temperature_c", 50.0) == 50.0:
             assert time.monotonic() < deadline, "the health job never read the card"
             time.sleep(0.05)
         health = httpx.get(f"http://127.0.0.1:{app.http.bound_port}/health", timeout=5)
@@ -248,7 +248,8 @@ def test_health_through_pyaxcl_speaks_bus_ids_and_never_declares_a_healthy_card_
         time.sleep(0.5)
         events = [m["event"] for m in c.json(f"{base}/event")]
         assert not {"device_dead", "recovery_started", "device_reset"} & set(events), events
-        reading = app.engine.readings[0]
+        reading = app.engine.devices()[0].reading
+        assert reading is not None, "the health job read the card"
         assert reading.alive and reading.source == "axcl" and reading.error is None, reading
         assert reading.npu_load_pct == 63 and reading.cpu_load_pct == 7, "load from pyaxcl"
         assert reading.temperature_c == 52 and reading.cmm_total_mib == 7040, "heat and CMM from axcl-smi"

@@ -1,6 +1,8 @@
 """The engine's job API: what both front doors (MQTT handlers, HTTP bridge) submit and receive.
 
-A front door builds a request, calls ``Engine.submit`` with a sink, and gets a ``JobHandle``.
+``EngineClient`` is the whole of the engine a front door sees; the front doors import this module
+and nothing else of ``npu.engine``. A front door builds a request, calls ``submit`` with a sink,
+and gets a ``JobHandle``.
 The sink is called on the engine's worker thread with each ``JobEvent``; it must not block (the
 MQTT side publishes, which paho queues; the HTTP side hands the event to its asyncio loop with
 ``call_soon_threadsafe``). Every accepted job gets exactly one terminal event, ``Done`` or
@@ -15,10 +17,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from npu.device.base import DeviceReading
 from npu.diffusion.params import ImageOutput, ImageParams
 from npu.llm.params import FinishReason, GenerationParams, Usage
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 
 class ErrorCode(enum.StrEnum):
@@ -226,3 +232,45 @@ class EngineState:
     running: int
     queue_max: int
     reason: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceSnapshot:
+    """One device as ``/health``, telemetry and the health job see it, read under one lock hold."""
+
+    device_id: int
+    thermal: str  # the thermal level's label: normal, throttle, pause
+    recovering: bool
+    failed: str | None  # why the device was given up on; None while it works
+    loaded: bool  # its worker finished loading the models (successfully or not)
+    reading: DeviceReading | None = None  # the health job's latest; None until it first ran
+
+
+StateListener = Callable[[EngineState], None]
+EventListener = Callable[[str, dict[str, Any]], None]
+
+
+class EngineClient(Protocol):
+    """What a front door may ask of the engine; both ``handlers/`` and ``bridge_http/`` type
+    against this, so the engine's insides can change without touching them."""
+
+    @property
+    def default_chat(self) -> str | None: ...
+    @property
+    def jobs_done(self) -> int: ...
+    @property
+    def jobs_failed(self) -> int: ...
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+    def submit(self, request: Request, sink: Sink) -> JobHandle: ...
+    def cancel(self, request_id: str) -> int: ...
+    def pause(self, reason: str = ...) -> None: ...
+    def resume(self) -> None: ...
+    def reload(self, model_id: str | None = None, timeout: float | None = None) -> None: ...
+    def restart(self, reason: str = ...) -> list[int]: ...
+    def models(self) -> list[ModelInfo]: ...
+    def state(self) -> EngineState: ...
+    def devices(self) -> list[DeviceSnapshot]: ...
+    def add_state_listener(self, listener: StateListener) -> None: ...
+    def add_event_listener(self, listener: EventListener) -> None: ...

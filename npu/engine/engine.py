@@ -17,22 +17,25 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from npu.device.base import DeviceMonitor, DeviceReading
 from npu.device.thermal import ThermalLevel
 from npu.diffusion.pipeline import DiffusionPipeline, ImageRequestError
 from npu.engine.api import (
     ChatRequest,
+    DeviceSnapshot,
     EngineError,
     EngineState,
     ErrorCode,
+    EventListener,
     Failed,
     ImageRequest,
     JobHandle,
     ModelInfo,
     Request,
     Sink,
+    StateListener,
 )
 from npu.engine.metrics import EngineMetrics
 from npu.engine.recovery import Recovery, RecoveryConfig
@@ -47,10 +50,11 @@ from npu.engine.worker import (
 )
 from npu.llm.runner import ContextLengthError, LLMRunner
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
 logger = logging.getLogger(__name__)
 
-StateListener = Callable[[EngineState], None]
-EventListener = Callable[[str, dict[str, Any]], None]
 STOPPING = "the appliance is stopping; retry later"
 NO_IMAGE_MODEL = (
     "no image model is installed here; on the device, 'scripts/fetch_models sd15-lcm' installs "
@@ -101,7 +105,7 @@ class Engine:
         self._recovering: set[int] = set()
         self._failed: dict[int, str] = {}
         self.stop_event = threading.Event()
-        self.readings: dict[int, DeviceReading] = {}  # the health job's latest, for /health
+        self._readings: dict[int, DeviceReading] = {}  # the health job's latest, for devices()
         self.models_list = list(models)
         self.loader = loader
         self.monitor = monitor
@@ -412,6 +416,27 @@ class Engine:
         return (f"NPU device {device} failed and could not be recovered ({why}); the appliance keeps "
                 "running: reseat the card or restart the host, then restart the appliance")
 
+    def devices(self) -> list[DeviceSnapshot]:
+        """Every device's thermal level, recovery, failure and latest reading, in device order."""
+        with self._lock:
+            recovering, failed, readings = set(self._recovering), dict(self._failed), dict(self._readings)
+        return [
+            DeviceSnapshot(device_id=w.device_id, thermal=w.thermal.label,
+                           recovering=w.device_id in recovering, failed=failed.get(w.device_id),
+                           loaded=w.loaded.is_set(), reading=readings.get(w.device_id))
+            for w in list(self.workers)
+        ]
+
+    def record_reading(self, reading: DeviceReading) -> None:
+        """The health job's latest reading of a device, shown by ``devices()``."""
+        with self._lock:
+            self._readings[reading.device_id] = reading
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The Prometheus registry ``/metrics`` serves."""
+        return self.metrics.registry
+
     def add_state_listener(self, listener: StateListener) -> None:
         self._listeners.append(listener)
 
@@ -494,6 +519,11 @@ class Engine:
         """Called by a worker whose step failed because the device went away."""
         self.emit_event("device_fault", device=worker.device_id, reason=reason)
         self.start_recovery(worker, reason)
+
+    def recover_device(self, device_id: int, reason: str) -> bool:
+        """Start a recovery of this device (it stopped answering); False when one runs already."""
+        worker = next((w for w in list(self.workers) if w.device_id == device_id), None)
+        return worker is not None and self.start_recovery(worker, reason)
 
     def start_recovery(self, worker: DeviceWorker, reason: str) -> bool:
         with self._work:
