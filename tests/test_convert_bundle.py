@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 from gguf_factory import OrtBundle, write_tiny_gguf
 
-from npu.convert import convert_gguf
+from npu.convert import bundle_is_current, convert_gguf
 from npu.convert.bundle_writer import to_bfloat16_bits
 from npu.convert.gguf_source import GGUFSource
-from npu.convert.quant4 import from_q4_1, quantize
-from npu.llm.model_args import ModelArgs
+from npu.convert.quant4 import from_q4_1, from_q4_1_offsets, from_q8_0, quantize, quantize_int
+from npu.llm.model_args import BUNDLE_FORMAT, ModelArgs
+
+
+def args_format(bundle: Path) -> int | None:
+    return ModelArgs.load(bundle).bundle_format
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +30,7 @@ def test_config_has_model_args_keys(demo_bundle_fp32: Path, demo_gguf_path: Path
     config = json.loads((demo_bundle_fp32 / "config.json").read_text())
     fields = {f.name for f in dataclasses.fields(ModelArgs)}
     assert set(config) == fields | {"source"}
+    assert args_format(demo_bundle_fp32) == BUNDLE_FORMAT and bundle_is_current(demo_bundle_fp32)
     args = ModelArgs.load(demo_bundle_fp32)
     assert (args.model_type, args.num_hidden_layers, args.hidden_size) == ("llama", 30, 576)
     assert (args.num_attention_heads, args.num_key_value_heads, args.head_dim) == (9, 3, 64)
@@ -65,6 +70,48 @@ def test_q4_1_maps_exactly(demo_gguf_path: Path) -> None:
     assert err <= (w.max() - w.min()) / 15
 
 
+def test_fast_4bit_forms_keep_the_gguf_weights_exactly(demo_gguf_path: Path) -> None:
+    """Q4_1 as integer-zero-point codes plus block offsets, Q8_0 as 8-bit codes: no requantization."""
+    src = GGUFSource(demo_gguf_path)
+    for name in ("blk.0.ffn_up.weight", "blk.3.attn_q.weight"):  # attn_q: rows un-permuted
+        raw = src.raw(name)
+        k, n = (int(d) for d in raw.shape.tolist())
+        order = None
+        if src.is_permuted(name):
+            from npu.convert.gguf_source import unpermute_llama
+
+            order = unpermute_llama(np.arange(n)[:, None], src.permuted_heads(name))[:, 0]
+        q = from_q4_1_offsets(np.asarray(raw.data), n, k, order)
+        assert q.base.zero_point_codes().max() <= 15
+        np.testing.assert_allclose(q.dequantize(), src.tensor(name), rtol=0, atol=1e-6)
+    raw = src.raw("token_embd.weight")
+    k, n = (int(d) for d in raw.shape.tolist())
+    head = from_q8_0(np.asarray(raw.data), n, k)
+    np.testing.assert_array_equal(head.dequantize(), src.tensor("token_embd.weight"))
+
+
+def test_integer_zero_points_fit_better_than_min_max() -> None:
+    """Requantized matrices (sources that are neither Q4_1 nor Q8_0): the fitted scale beats min/max."""
+    w = np.random.default_rng(1).standard_normal((64, 160)).astype(np.float32)
+    fitted = quantize_int(w)
+    assert fitted.zero_point_codes().max() <= 15 and fitted.dequantize().shape == w.shape
+    err = np.linalg.norm(fitted.dequantize() - w)
+    assert err < np.linalg.norm(quantize(w).dequantize() - w) * 1.02
+    assert err < 0.12 * np.linalg.norm(w)
+
+
+def test_old_bundle_format_is_told_apart(tiny_bundles: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    _, bundle = tiny_bundles["llama"]
+    assert bundle_is_current(bundle)
+    config = json.loads((bundle / "config.json").read_text())
+    del config["bundle_format"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(config))
+    assert not bundle_is_current(old) and ModelArgs.load(old).converted_before_current_format
+    assert not bundle_is_current(tmp_path / "missing")
+
+
 def _onnx_bytes(bundle: Path) -> int:
     return sum(p.stat().st_size for p in bundle.glob("*.onnx"))
 
@@ -72,6 +119,14 @@ def _onnx_bytes(bundle: Path) -> int:
 def test_4bit_close_to_fp32_and_smaller(demo_bundle_fp32: Path, demo_bundle_q4: Path) -> None:
     assert ModelArgs.load(demo_bundle_q4).weight_bits == 4
     assert _onnx_bytes(demo_bundle_q4) < 0.3 * _onnx_bytes(demo_bundle_fp32)
+    import onnx
+
+    for name in ("llama_p128_l0_together.onnx", "llama_post.onnx"):  # on the fast kernels only
+        graph = onnx.load(str(demo_bundle_q4 / name)).graph
+        floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+        nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        assert nbits and all(len(n.input) < 4 or n.input[3] not in floats for n in nbits)
+        assert all(a.i == 4 for n in nbits for a in n.attribute if a.name == "accuracy_level")
     fp32, q4 = OrtBundle(demo_bundle_fp32), OrtBundle(demo_bundle_q4)
     from tokenizers import Tokenizer
 

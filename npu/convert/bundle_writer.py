@@ -19,13 +19,15 @@ import onnx
 
 from npu.convert.gguf_source import GGUFSource, Hyperparams, file_sha256, unpermute_llama
 from npu.convert.layer_graphs import LayerShape, LayerWeights, Weight, build_layer, build_post
-from npu.convert.quant4 import BLOCK, from_q4_1, quantize
+from npu.convert.quant4 import BLOCK, from_q4_1, from_q4_1_offsets, from_q8_0, quantize, quantize_int
 from npu.convert.tokenizer_export import eos_token_ids, write_tokenizer
+from npu.llm.model_args import BUNDLE_FORMAT
 
 logger = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 128
 SUPPORTED_BITS = (None, 4)
+Q4_FORMS = ("fast", "float-zp")
 
 
 def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
@@ -43,11 +45,18 @@ def _tokenizer_meta(src: GGUFSource) -> dict[str, Any]:
 
 
 class _WeightLoader:
-    """fp32 or 4-bit weights for the graphs, reusing GGUF Q4_1 codes when they map exactly."""
+    """fp32 or 4-bit weights for the graphs, reusing the GGUF's codes where they map exactly.
 
-    def __init__(self, src: GGUFSource, bits: int | None) -> None:
+    ``q4_form`` ``fast`` (the default): Q4_1 codes on MatMulNBits' integer-zero-point kernels
+    plus per-block offsets (exact weights), Q8_0 codes (the tied LM head) on its 8-bit kernel,
+    anything else requantized to integer zero points. ``float-zp``: every 4-bit matrix with
+    float zero points, Q4_1 exact in one op but on ONNX Runtime's slow generic path.
+    """
+
+    def __init__(self, src: GGUFSource, bits: int | None, q4_form: str = "fast") -> None:
         self.src = src
         self.bits = bits
+        self.q4_form = q4_form
 
     def dense(self, name: str) -> np.ndarray:
         return self.src.tensor(name)
@@ -63,8 +72,15 @@ class _WeightLoader:
             order = None
             if self.src.is_permuted(name):
                 order = unpermute_llama(np.arange(n)[:, None], self.src.permuted_heads(name))[:, 0]
-            return from_q4_1(np.asarray(raw.data), n, k, order)
-        return quantize(self.src.tensor(name))
+            if self.q4_form == "float-zp":
+                return from_q4_1(np.asarray(raw.data), n, k, order)
+            return from_q4_1_offsets(np.asarray(raw.data), n, k, order)
+        if self.q4_form == "float-zp":
+            return quantize(self.src.tensor(name))
+        q8 = raw.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        if q8 and k % BLOCK == 0 and not self.src.is_permuted(name):
+            return from_q8_0(np.asarray(raw.data), n, k)
+        return quantize_int(self.src.tensor(name))
 
     def optional(self, name: str) -> np.ndarray | None:
         return self.src.tensor(name) if self.src.has_tensor(name) else None
@@ -112,16 +128,28 @@ def _config(src: GGUFSource, hp: Hyperparams, meta: dict[str, Any], kv_cache_len
         "max_prefill_chunks": kv_cache_len // PREFILL_CHUNK,
         "model_prefix": hp.arch,
         "weight_bits": bits,
+        "bundle_format": BUNDLE_FORMAT,
         "source": {"gguf": src.path.name, "sha256": sha256},
     }
 
 
+def bundle_is_current(bundle: Path) -> bool:
+    """Whether ``bundle``'s config.json was written in this converter's bundle format."""
+    try:
+        config = json.loads((Path(bundle) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("bundle_format") == BUNDLE_FORMAT
+
+
 def convert_gguf(src: Path, dest: Path, *, bits: int | None = None, kv_cache_len: int = 2047,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, q4_form: str = "fast") -> Path:
     """Convert a llama/qwen2/qwen3 GGUF into a CPU-twin bundle at ``dest``; returns ``dest``."""
     src, dest = Path(src), Path(dest)
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be None (fp32) or 4, not {bits!r}")
+    if q4_form not in Q4_FORMS:
+        raise ValueError(f"q4_form must be one of {', '.join(Q4_FORMS)}, not {q4_form!r}")
     if kv_cache_len < PREFILL_CHUNK:
         raise ValueError(f"kv_cache_len must be at least {PREFILL_CHUNK}, not {kv_cache_len}")
     if dest.exists() and not overwrite:
@@ -134,7 +162,7 @@ def convert_gguf(src: Path, dest: Path, *, bits: int | None = None, kv_cache_len
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only
     try:
-        _write_bundle(gguf_src, hp, meta, tmp, bits, kv_cache_len)
+        _write_bundle(gguf_src, hp, meta, tmp, bits, kv_cache_len, q4_form)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{int(time.time() * 1000)}")
             dest.rename(old)
@@ -150,7 +178,7 @@ def convert_gguf(src: Path, dest: Path, *, bits: int | None = None, kv_cache_len
 
 
 def _write_bundle(src: GGUFSource, hp: Hyperparams, meta: dict[str, Any], out: Path,
-                  bits: int | None, kv_cache_len: int) -> None:
+                  bits: int | None, kv_cache_len: int, q4_form: str = "fast") -> None:
     write_tokenizer(meta, out, hp.context_length)
     config = _config(src, hp, meta, kv_cache_len, bits, file_sha256(src.path))
     embed = src.tensor("token_embd.weight")
@@ -159,7 +187,7 @@ def _write_bundle(src: GGUFSource, hp: Hyperparams, meta: dict[str, Any], out: P
     to_bfloat16_bits(embed).tofile(out / "model.embed_tokens.weight.bfloat16.bin")
     np.save(out / "model.embed_tokens.weight.npy", embed)
 
-    loader = _WeightLoader(src, bits)
+    loader = _WeightLoader(src, bits, q4_form)
     shape = LayerShape(hp.hidden, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.rms_eps, hp.rope_theta)
     for i in range(hp.num_layers):
         model = build_layer(loader.layer(i), shape, i)

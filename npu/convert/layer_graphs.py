@@ -16,13 +16,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from npu.convert.quant4 import BLOCK, QuantWeight
+from npu.convert.quant4 import BLOCK, Int8Weight, IntQuantWeight, OffsetQuantWeight, QuantWeight
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
 IR_VERSION = 9  # ONNX Runtime >= 1.16 loads it
-Weight = np.ndarray | QuantWeight
+# MatMulNBits computes with int8 activations per block on its fast kernels (as llama.cpp's
+# quantized dot products do); float zero points have no such path.
+FAST_ACCURACY_LEVEL = 4
+Weight = np.ndarray | QuantWeight | IntQuantWeight | OffsetQuantWeight | Int8Weight
 
 
 @dataclass
@@ -67,6 +70,7 @@ class _Graph:
         self.inits: list[onnx.TensorProto] = []
         self._n = 0
         self.uses_ms = False
+        self._block_sums: dict[str, str] = {}
 
     def name(self, hint: str) -> str:
         self._n += 1
@@ -95,8 +99,33 @@ class _Graph:
         normed = self.op("Div", [x, root], f"{hint}_normed")
         return self.op("Mul", [normed, self.init(f"{hint}_w", weight.astype(np.float32))], hint)
 
+    def block_sums(self, x: str, k: int) -> str:
+        """``x`` summed over each block of 32 inputs, ``(..., k / 32)``; once per input."""
+        name = self._block_sums.get(x)
+        if name is None:
+            blocks = self.op("Reshape", [x, self.const_i64("shape", [0, 0, k // BLOCK, BLOCK])], "x_blocks")
+            name = self._block_sums[x] = self.op(
+                "ReduceSum", [blocks, self.const_i64("axes", [-1])], "x_block_sums", keepdims=0
+            )
+        return name
+
+    def nbits(self, x: str, w: IntQuantWeight | Int8Weight, hint: str) -> str:
+        self.uses_ms = True
+        inputs = [x, self.init(f"{hint}_q", w.packed), self.init(f"{hint}_scales", w.scales)]
+        bits = 8 if isinstance(w, Int8Weight) else 4
+        if isinstance(w, IntQuantWeight):
+            inputs.append(self.init(f"{hint}_zp", w.zero_points))
+        return self.op("MatMulNBits", inputs, hint, domain="com.microsoft", K=w.k, N=w.n, bits=bits,
+                       block_size=BLOCK, accuracy_level=FAST_ACCURACY_LEVEL)
+
     def linear(self, x: str, w: Weight, hint: str, bias: np.ndarray | None = None) -> str:
-        if isinstance(w, QuantWeight):
+        if isinstance(w, IntQuantWeight | Int8Weight):
+            y = self.nbits(x, w, hint)
+        elif isinstance(w, OffsetQuantWeight):
+            main = self.nbits(x, w.base, f"{hint}_codes")
+            offsets = self.init(f"{hint}_offsetsT", np.ascontiguousarray(w.offsets.T))
+            y = self.op("Add", [main, self.op("MatMul", [self.block_sums(x, w.k), offsets])], hint)
+        elif isinstance(w, QuantWeight):
             self.uses_ms = True
             inputs = [
                 x,

@@ -16,6 +16,10 @@ from typing import Any
 
 PREFILL_CHUNK = 128
 DEFAULT_KV_CACHE_LEN = 2047
+# The converter's bundle format, written into config.json and raised whenever its graphs or
+# weight forms change: 2 added the 4-bit forms on ONNX Runtime's fast kernels. A converted
+# bundle of an older format still runs, but slower; it is converted again to get the new one.
+BUNDLE_FORMAT = 2
 
 
 @dataclass
@@ -42,6 +46,7 @@ class ModelArgs:
     max_prefill_chunks: int | None = None
     model_prefix: str | None = None
     weight_bits: int | None = None
+    bundle_format: int | None = None  # None: AXERA's own config.json, or a converter before format 2
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -66,6 +71,11 @@ class ModelArgs:
         path = Path(bundle_dir) / "config.json"
         with path.open(encoding="utf-8") as fh:
             return cls.from_dict(json.load(fh))
+
+    @property
+    def converted_before_current_format(self) -> bool:
+        """A bundle our converter wrote (it has ``kv_cache_len``) in a format older than this one."""
+        return self.kv_cache_len is not None and (self.bundle_format or 1) < BUNDLE_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -99,6 +99,12 @@ class LLMRunner:
                 "create the demo one with 'appliance models demo'"
             )
         args = ModelArgs.load(bundle_dir)
+        if args.converted_before_current_format:
+            logger.warning(
+                "%s was converted in an older bundle format (%s); it runs, but converting it again "
+                "gives the faster graphs ('appliance models demo' or 'appliance models convert')",
+                bundle_dir, args.bundle_format or 1,
+            )
         started = time.perf_counter()
         stack = LayerStack.load(bundle_dir, args, backend, device_id=device_id, threads=threads)
         concrete = stack.backend
