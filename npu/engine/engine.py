@@ -8,15 +8,12 @@ are run by the device workers step by step (see ``npu.engine.worker``).
 from __future__ import annotations
 
 import dataclasses
-import heapq
-import itertools
 import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from npu.device.base import DeviceMonitor, DeviceReading
@@ -25,29 +22,26 @@ from npu.diffusion.pipeline import DiffusionPipeline, ImageRequestError
 from npu.engine.api import (
     ChatRequest,
     DeviceSnapshot,
+    Done,
     EngineError,
     EngineState,
     ErrorCode,
     EventListener,
     Failed,
     ImageRequest,
+    ImageResult,
     JobHandle,
     ModelInfo,
     Request,
     Sink,
     StateListener,
 )
+from npu.engine.config import EngineConfig, ModelSpec, RecoveryConfig
+from npu.engine.job import WorkerJob
 from npu.engine.metrics import EngineMetrics
-from npu.engine.recovery import Recovery, RecoveryConfig
-from npu.engine.worker import (
-    DeviceWorker,
-    ModelSpec,
-    Runner,
-    RunnerLoader,
-    WorkerJob,
-    expires_at,
-    expiry_error,
-)
+from npu.engine.queue import JobQueue
+from npu.engine.recovery import Recovery
+from npu.engine.worker import DeviceWorker, Runner, RunnerLoader
 from npu.llm.runner import ContextLengthError, LLMRunner
 
 if TYPE_CHECKING:
@@ -60,15 +54,7 @@ NO_IMAGE_MODEL = (
     "no image model is installed here; on the device, 'scripts/fetch_models sd15-lcm' installs "
     "Stable Diffusion 1.5 LCM and adds it to appliance.yaml (docs/INSTALL.md)"
 )
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    queue_max: int = 32
-    request_timeout: float = 120.0
-    step_timeout: float = 30.0
-    max_active: int = 2
-    throttle_delay: float = 0.25  # seconds of cool-down between rounds of steps when throttled
+__all__ = ["Engine", "EngineConfig", "ModelSpec", "RecoveryConfig"]
 
 
 class Engine:
@@ -97,11 +83,9 @@ class Engine:
         self.default_image = next((m.id for m in image if m.default), image[0].id if image else None)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._queue: list[tuple[int, int, WorkerJob]] = []
-        self._seq = itertools.count()
+        self._queue = JobQueue()
         self._listeners: list[StateListener] = []
         self._event_listeners: list[EventListener] = []
-        self._front = itertools.count(-1, -1)  # sequence numbers that put a retried job first
         self._recovering: set[int] = set()
         self._failed: dict[int, str] = {}
         self.stop_event = threading.Event()
@@ -159,13 +143,10 @@ class Engine:
         self.stop_event.set()
         with self._work:
             self._stopping = True
-            waiting = [job for _, _, job in self._queue]
-            self._queue.clear()
+            waiting = self._queue.take_all()
             self._work.notify_all()
         for job in waiting:
-            self.count_outcome(False)
-            self.metrics.failure.labels(ErrorCode.UNAVAILABLE.value).inc()
-            job.handle.finish(Failed(EngineError(ErrorCode.UNAVAILABLE, STOPPING)))
+            self.answer(job, Failed(EngineError(ErrorCode.UNAVAILABLE, STOPPING)))
         for worker in self.workers:
             worker.join(timeout)
         if self._expiry.is_alive():
@@ -243,7 +224,6 @@ class Engine:
     def _enqueue(self, job: WorkerJob) -> JobHandle:
         handle = job.handle
         handle.on_cancel = self._drop_queued
-        request = handle.request
         with self._work:
             if self._stopping:
                 raise EngineError(ErrorCode.UNAVAILABLE, STOPPING, retry_after=5)
@@ -253,7 +233,7 @@ class Engine:
                     f"the queue is full ({self.config.queue_max} waiting); retry later",
                     retry_after=self._retry_after_locked(),
                 )
-            heapq.heappush(self._queue, (int(request.priority), next(self._seq), job))
+            self._queue.push(job)
             self._work.notify_all()
         self._notify_state()
         return handle
@@ -262,7 +242,7 @@ class Engine:
         """Cancel every queued or running job submitted with this request id."""
         count = 0
         with self._work:
-            queued = [job.handle for _, _, job in self._queue if job.handle.request.request_id == request_id]
+            queued = [job.handle for job in self._queue.jobs() if job.handle.request.request_id == request_id]
         for handle in queued:
             handle.cancel()
         count += len(queued)
@@ -273,15 +253,10 @@ class Engine:
     def _drop_queued(self, handle: JobHandle) -> None:
         """A waiting job that is cancelled frees its place in the queue at once."""
         with self._work:
-            kept = [item for item in self._queue if item[2].handle is not handle]
-            if len(kept) == len(self._queue):
-                return  # already taken by a worker, which will stop it at its next step
-            self._queue = kept
-            heapq.heapify(self._queue)
-        self.count_outcome(False)
-        self.metrics.failure.labels(ErrorCode.CANCELLED.value).inc()
-        handle.finish(Failed(EngineError(ErrorCode.CANCELLED, "cancelled while waiting")))
-        self._notify_state()
+            job = self._queue.remove(handle)
+        if job is None:
+            return  # already taken by a worker, which will stop it at its next step
+        self.answer(job, Failed(EngineError(ErrorCode.CANCELLED, "cancelled while waiting")))
 
     def _expire_waiting(self) -> None:
         """The expiry thread: sleep until the next waiting job's limit, answer every job past it."""
@@ -291,20 +266,13 @@ class Engine:
                 if self._stopping:
                     return
                 now = time.monotonic()
-                expired = [(item, error) for item in self._queue
-                           if (error := expiry_error(item[2], limit, now)) is not None]
+                expired = self._queue.take_expired(limit, now)
                 if not expired:
-                    times = [t for *_, job in self._queue if (t := expires_at(job, limit)) is not None]
-                    self._work.wait(min(min(times, default=now + 5.0) - now, 5.0))
+                    first = self._queue.next_expiry(limit)
+                    self._work.wait(min((now + 5.0 if first is None else first) - now, 5.0))
                     continue
-                gone = {id(item) for item, _ in expired}
-                self._queue = [item for item in self._queue if id(item) not in gone]
-                heapq.heapify(self._queue)
-            for (*_, job), error in expired:
-                self.count_outcome(False)
-                self.metrics.failure.labels(error.code.value).inc()
-                job.handle.finish(Failed(error))
-            self._notify_state()
+            for job, error in expired:
+                self.answer(job, Failed(error))
 
     def pause(self, reason: str = "paused by request") -> None:
         with self._work:
@@ -448,7 +416,7 @@ class Engine:
                 self._work.wait(timeout)
             if not self._ready_locked(worker):
                 return None
-            _, _, job = heapq.heappop(self._queue)
+            job = self._queue.pop()
             job.taken = True
             self._taken += 1
         self._notify_state()
@@ -553,13 +521,11 @@ class Engine:
                 job.attempts += 1
                 job.resume = "".join(job.parts)
                 job.handle.status = "queued"
-                heapq.heappush(self._queue, (int(job.handle.request.priority), next(self._front), job))
+                self._queue.push_front(job)
             self._work.notify_all()
+        message = "the device was reset twice while this job ran; it was not retried again"
         for job in give_up:
-            self.count_outcome(False)
-            self.metrics.failure.labels(ErrorCode.DEVICE_RESET.value).inc()
-            message = "the device was reset twice while this job ran; it was not retried again"
-            job.handle.finish(Failed(EngineError(ErrorCode.DEVICE_RESET, message)))
+            self.answer(job, Failed(EngineError(ErrorCode.DEVICE_RESET, message)))
         if retry:
             self.emit_event("jobs_retried", count=len(retry))
         self._notify_state()
@@ -585,20 +551,38 @@ class Engine:
             self._recovering.discard(device_id)
             self._failed[device_id] = reason
             all_failed = len(self._failed) == len(self.workers)
-            waiting = [job for _, _, job in self._queue] if all_failed else []
-            if all_failed:
-                self._queue.clear()
+            waiting = self._queue.take_all() if all_failed else []
             self._work.notify_all()
         self.emit_event("device_failed", device=device_id, reason=reason)
         for job in waiting:
-            self.count_outcome(False)
-            self.metrics.failure.labels(ErrorCode.UNAVAILABLE.value).inc()
-            job.handle.finish(Failed(EngineError(ErrorCode.UNAVAILABLE, self._failed_message())))
+            self.answer(job, Failed(EngineError(ErrorCode.UNAVAILABLE, self._failed_message())))
         self._notify_state()
 
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    def answer(self, job: WorkerJob, event: Done | Failed) -> None:
+        """The one way a job ends, waiting or taken: count it, feed the metrics, deliver the terminal
+        event, then stop counting it as running (the state says idle only once a job is answered)."""
+        self.count_outcome(isinstance(event, Done))
+        if isinstance(event, Failed):
+            self.metrics.failure.labels(event.error.code.value).inc()
+        elif isinstance(event.result, ImageResult):
+            self.metrics.for_model(job.model_id).e2e.observe(event.result.total_ms / 1e3)
+            self.metrics.success.labels(job.model_id, "image").inc()
+        else:
+            usage = event.result.usage
+            model = self.metrics.for_model(job.model_id)
+            model.prompt_tokens.inc(usage.prompt_tokens)
+            model.cached_tokens.inc(usage.cached_tokens)
+            model.e2e.observe(event.result.total_ms / 1e3)
+            self.metrics.success.labels(job.model_id, event.result.finish_reason).inc()
+        try:
+            job.handle.finish(event)
+        except Exception:
+            logger.exception("sink of job %s failed on its final event", job.handle.id)
+        self.job_ended(job)
 
     def count_outcome(self, ok: bool) -> None:
         with self._lock:

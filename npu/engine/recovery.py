@@ -23,27 +23,40 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from npu.device.base import DeviceResetError
+from npu.engine.config import RecoveryConfig
+from npu.engine.job import WorkerJob
+from npu.engine.metrics import EngineMetrics
+from npu.engine.worker import DeviceWorker
 from npu.runtime.memory import release_freed_memory
-
-if TYPE_CHECKING:
-    from npu.engine.engine import Engine
-    from npu.engine.worker import DeviceWorker
 
 logger = logging.getLogger(__name__)
 
 CLOSE_GRACE = 2.0  # seconds an abandoned worker that is not hung gets to end its step
 
 
-@dataclass(frozen=True)
-class RecoveryConfig:
-    attempts: int = 3
-    backoff: float = 2.0  # seconds before the second attempt; doubles after each failure
-    backoff_max: float = 60.0
-    load_timeout: float = 600.0  # seconds the fresh worker may take to reload the models
+__all__ = ["Recovery", "RecoveryConfig", "RecoveryHost", "close_sessions", "recovery_delays"]
+
+
+class RecoveryHost(Protocol):
+    """What a recovery needs of the engine: its events, its queue, and a fresh worker."""
+
+    @property
+    def recovery_config(self) -> RecoveryConfig: ...
+    @property
+    def metrics(self) -> EngineMetrics: ...
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def stop_event(self) -> threading.Event: ...
+
+    def emit_event(self, name: str, **fields: Any) -> None: ...
+    def requeue_after_fault(self, jobs: list[WorkerJob]) -> None: ...
+    def replace_worker(self, old: DeviceWorker) -> DeviceWorker: ...
+    def end_recovery(self, device_id: int) -> None: ...
+    def device_failed(self, device_id: int, reason: str) -> None: ...
 
 
 def recovery_delays(config: RecoveryConfig) -> list[float]:
@@ -52,7 +65,7 @@ def recovery_delays(config: RecoveryConfig) -> list[float]:
 
 
 class Recovery(threading.Thread):
-    def __init__(self, engine: Engine, worker: DeviceWorker, reason: str) -> None:
+    def __init__(self, engine: RecoveryHost, worker: DeviceWorker, reason: str) -> None:
         super().__init__(name=f"recovery-dev{worker.device_id}", daemon=True)
         self.engine = engine
         self.worker = worker

@@ -14,10 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
+from typing import Literal, Protocol
 
 from npu.device.base import DeviceFault, DeviceMonitor
 from npu.device.cmm_plan import bundle_mib
@@ -40,29 +38,17 @@ from npu.engine.api import (
     JobHandle,
     Progress,
 )
+from npu.engine.config import EngineConfig, ModelSpec
+from npu.engine.job import WorkerJob, expiry_error
+from npu.engine.metrics import EngineMetrics
 from npu.llm.kv_cache import CacheMemoryError
-from npu.llm.params import GenerationResponse
 from npu.llm.runner import LLMRunner
 from npu.runtime.memory import release_freed_memory
-
-if TYPE_CHECKING:
-    from npu.engine.engine import Engine
 
 logger = logging.getLogger(__name__)
 
 WorkerState = Literal["loading", "ready", "reloading", "recovering", "failed"]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A resident model as the config lists it."""
-
-    id: str
-    kind: Literal["chat", "image"]
-    path: Path
-    runtime: str = "auto"
-    preload: bool = True
-    default: bool = False
+__all__ = ["DeviceWorker", "ModelSpec", "Runner", "RunnerLoader", "WorkerHost", "load_runner"]
 
 
 Runner = LLMRunner | DiffusionPipeline
@@ -75,48 +61,22 @@ def load_runner(spec: ModelSpec, device_id: int, cache_slots: int) -> Runner:
     return LLMRunner.load(spec.path, backend=spec.runtime, device_id=device_id, cache_slots=cache_slots)
 
 
-@dataclass
-class WorkerJob:
-    handle: JobHandle
-    model_id: str
-    prompt_ids: list[int]
-    started: float = 0.0
-    attempts: int = 0  # starts after a device reset (a job is retried once)
-    resume: str = ""  # text already sent before a reset, to be matched again and not re-sent
-    last_token_at: float | None = None  # None until the first generated token
-    tokens_counted: int = 0
-    stream: Iterator[GenerationResponse] | Iterator[ImageStep] | None = None
-    parts: list[str] = field(default_factory=list)
-    taken: bool = False  # taken from the queue by a worker and not yet ended (the engine's count)
+class WorkerHost(Protocol):
+    """What a worker needs of the engine that runs it: jobs to take, and where their ends go."""
 
+    @property
+    def config(self) -> EngineConfig: ...
+    @property
+    def metrics(self) -> EngineMetrics: ...
+    @property
+    def stopping(self) -> bool: ...
 
-def expiry_error(job: WorkerJob, request_timeout: float, now: float) -> EngineError | None:
-    """Why a job that has not started yet may no longer start, or None.
-
-    A job waits until its deadline (``expired``) and never longer than the request timeout
-    (``timeout``), whether the queue moves, is paused or a card is too hot. A job retried after a
-    device reset already had its turn: it is never expired.
-    """
-    if job.attempts:
-        return None
-    handle = job.handle
-    waited = now - handle.submitted
-    deadline = handle.request.deadline
-    if deadline is not None and now >= deadline and deadline <= handle.submitted + request_timeout:
-        return EngineError(ErrorCode.EXPIRED, f"waited {waited:.1f} s, past its deadline")
-    if waited >= request_timeout:
-        return EngineError(ErrorCode.TIMEOUT, f"waited {waited:.1f} s without starting, longer than the "
-                                              f"request timeout ({request_timeout:g} s)")
-    return None
-
-
-def expires_at(job: WorkerJob, request_timeout: float) -> float | None:
-    """When ``expiry_error`` starts to answer for this job (None: never)."""
-    if job.attempts:
-        return None
-    limit = job.handle.submitted + request_timeout
-    deadline = job.handle.request.deadline
-    return limit if deadline is None else min(deadline, limit)
+    def next_job(self, worker: DeviceWorker, block: bool, timeout: float = 0.5) -> WorkerJob | None: ...
+    def answer(self, job: WorkerJob, event: Done | Failed) -> None: ...
+    def record_duration(self, seconds: float) -> None: ...
+    def encode_later(self, work: Callable[[], None]) -> None: ...
+    def device_fault(self, worker: DeviceWorker, reason: str) -> None: ...
+    def notify_state(self, force: bool = False) -> None: ...
 
 
 class DeviceWorker(threading.Thread):
@@ -124,7 +84,7 @@ class DeviceWorker(threading.Thread):
         self,
         device_id: int,
         models: list[ModelSpec],
-        engine: Engine,
+        engine: WorkerHost,
         *,
         loader: RunnerLoader | None = None,
         max_active: int = 2,
@@ -434,22 +394,4 @@ class DeviceWorker(threading.Thread):
         self._finish(job, Failed(error))
 
     def _finish(self, job: WorkerJob, event: Done | Failed) -> None:
-        self.engine.count_outcome(isinstance(event, Done))
-        metrics = self.engine.metrics
-        if isinstance(event, Done) and isinstance(event.result, ImageResult):
-            metrics.for_model(job.model_id).e2e.observe(event.result.total_ms / 1e3)
-            metrics.success.labels(job.model_id, "image").inc()
-        elif isinstance(event, Done):
-            usage = event.result.usage
-            model = metrics.for_model(job.model_id)
-            model.prompt_tokens.inc(usage.prompt_tokens)
-            model.cached_tokens.inc(usage.cached_tokens)
-            model.e2e.observe(event.result.total_ms / 1e3)
-            metrics.success.labels(job.model_id, event.result.finish_reason).inc()
-        else:
-            metrics.failure.labels(event.error.code.value).inc()
-        try:
-            job.handle.finish(event)
-        except Exception:
-            logger.exception("sink of job %s failed on its final event", job.handle.id)
-        self.engine.job_ended(job)  # after the answer: the state says idle only once a job is done
+        self.engine.answer(job, event)

@@ -1,0 +1,54 @@
+"""A job as the engine carries it from the queue to its answer, and when a waiting job expires."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from npu.diffusion.params import ImageStep
+from npu.engine.api import EngineError, ErrorCode, JobHandle
+from npu.llm.params import GenerationResponse
+
+
+@dataclass
+class WorkerJob:
+    handle: JobHandle
+    model_id: str
+    prompt_ids: list[int]
+    started: float = 0.0
+    attempts: int = 0  # starts after a device reset (a job is retried once)
+    resume: str = ""  # text already sent before a reset, to be matched again and not re-sent
+    last_token_at: float | None = None  # None until the first generated token
+    tokens_counted: int = 0
+    stream: Iterator[GenerationResponse] | Iterator[ImageStep] | None = None
+    parts: list[str] = field(default_factory=list)
+    taken: bool = False  # taken from the queue by a worker and not yet ended (the engine's count)
+
+
+def expiry_error(job: WorkerJob, request_timeout: float, now: float) -> EngineError | None:
+    """Why a job that has not started yet may no longer start, or None.
+
+    A job waits until its deadline (``expired``) and never longer than the request timeout
+    (``timeout``), whether the queue moves, is paused or a card is too hot. A job retried after a
+    device reset already had its turn: it is never expired.
+    """
+    if job.attempts:
+        return None
+    handle = job.handle
+    waited = now - handle.submitted
+    deadline = handle.request.deadline
+    if deadline is not None and now >= deadline and deadline <= handle.submitted + request_timeout:
+        return EngineError(ErrorCode.EXPIRED, f"waited {waited:.1f} s, past its deadline")
+    if waited >= request_timeout:
+        return EngineError(ErrorCode.TIMEOUT, f"waited {waited:.1f} s without starting, longer than the "
+                                              f"request timeout ({request_timeout:g} s)")
+    return None
+
+
+def expires_at(job: WorkerJob, request_timeout: float) -> float | None:
+    """When ``expiry_error`` starts to answer for this job (None: never)."""
+    if job.attempts:
+        return None
+    limit = job.handle.submitted + request_timeout
+    deadline = job.handle.request.deadline
+    return limit if deadline is None else min(deadline, limit)
