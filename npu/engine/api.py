@@ -214,7 +214,7 @@ class JobHandle:
 @dataclass(frozen=True)
 class ModelInfo:
     id: str
-    kind: Literal["chat", "image"]
+    kind: str  # the job kind that runs it: chat, image (``npu.engine.kinds``)
     loaded: bool
     backend: str | None
     context_length: int | None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,9 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from npu.device.base import DeviceMonitor, DeviceReading
 from npu.device.thermal import ThermalLevel
-from npu.diffusion.pipeline import DiffusionPipeline, ImageRequestError
 from npu.engine.api import (
-    ChatRequest,
     DeviceSnapshot,
     Done,
     EngineError,
@@ -28,8 +25,6 @@ from npu.engine.api import (
     ErrorCode,
     EventListener,
     Failed,
-    ImageRequest,
-    ImageResult,
     JobHandle,
     ModelInfo,
     Request,
@@ -38,11 +33,11 @@ from npu.engine.api import (
 )
 from npu.engine.config import EngineConfig, ModelSpec, RecoveryConfig
 from npu.engine.job import WorkerJob
+from npu.engine.kinds import ModelFacts, Runner, all_kinds, kind_for_request
 from npu.engine.metrics import EngineMetrics
 from npu.engine.queue import JobQueue
 from npu.engine.recovery import Recovery
-from npu.engine.worker import DeviceWorker, Runner, RunnerLoader
-from npu.llm.runner import ContextLengthError, LLMRunner
+from npu.engine.worker import DeviceWorker, RunnerLoader
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -50,10 +45,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STOPPING = "the appliance is stopping; retry later"
-NO_IMAGE_MODEL = (
-    "no image model is installed here; on the device, 'scripts/fetch_models sd15-lcm' installs "
-    "Stable Diffusion 1.5 LCM and adds it to appliance.yaml (docs/INSTALL.md)"
-)
 __all__ = ["Engine", "EngineConfig", "ModelSpec", "RecoveryConfig"]
 
 
@@ -77,10 +68,15 @@ class Engine:
             raise ValueError(f"model ids must be unique: {ids}")
         self.config = config or EngineConfig()
         self.specs = {m.id: m for m in models}
-        chat = [m for m in models if m.kind == "chat"]
-        self.default_chat = next((m.id for m in chat if m.default), chat[0].id if chat else None)
-        image = [m for m in models if m.kind == "image"]
-        self.default_image = next((m.id for m in image if m.default), image[0].id if image else None)
+        kinds = all_kinds()
+        unknown = sorted({m.kind for m in models} - set(kinds))
+        if unknown:
+            raise ValueError(f"no job kind {unknown[0]!r}; known: {', '.join(sorted(kinds))}")
+        # The model of each kind a request that names none runs on: the one marked, else the first.
+        self.defaults: dict[str, str] = {}
+        for name in dict.fromkeys(m.kind for m in models):
+            of_kind = [m for m in models if m.kind == name]
+            self.defaults[name] = next((m.id for m in of_kind if m.default), of_kind[0].id)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._queue = JobQueue()
@@ -114,6 +110,14 @@ class Engine:
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-encode")
         # Answers waiting jobs at their deadline even when no worker takes jobs (paused, too hot).
         self._expiry = threading.Thread(target=self._expire_waiting, name="engine-expiry", daemon=True)
+
+    @property
+    def default_chat(self) -> str | None:
+        return self.defaults.get("chat")
+
+    @property
+    def default_image(self) -> str | None:
+        return self.defaults.get("image")
 
     def encode_later(self, work: Callable[[], None]) -> None:
         """Run ``work`` (a job's image encoding and its final event) on the encoder thread."""
@@ -163,63 +167,23 @@ class Engine:
         try:
             if self._failed and len(self._failed) == len(self.workers):
                 raise EngineError(ErrorCode.UNAVAILABLE, self._failed_message())
-            if isinstance(request, ImageRequest):
-                return self._submit_image(request, sink)
-            return self._submit(request, sink)
+            return self._admit(request, sink)
         except EngineError as exc:
             self.metrics.rejected.labels(exc.code.value).inc()
             raise
 
-    def _submit_image(self, request: ImageRequest, sink: Sink) -> JobHandle:
-        if request.params.seed is None:  # drawn here, so a retried job makes the same image
-            request = dataclasses.replace(
-                request, params=dataclasses.replace(request.params, seed=secrets.randbits(31))
-            )
-        model_id = request.model or self.default_image
+    def _admit(self, request: Request, sink: Sink) -> JobHandle:
+        kind = kind_for_request(request)
+        if kind is None:
+            raise EngineError(ErrorCode.BAD_REQUEST, f"no job kind runs a {type(request).__name__}")
+        model_id = request.model or self.defaults.get(kind.name)
         spec = self.specs.get(model_id or "")
-        if spec is None or spec.kind != "image":
-            available = ", ".join(m for m, s in self.specs.items() if s.kind == "image")
-            message = (f"no image model {request.model!r} here; available: {available}" if available
-                       else NO_IMAGE_MODEL)
-            raise EngineError(ErrorCode.MODEL_NOT_FOUND, message)
-        pipeline = self._any_runner(spec.id)
-        assert isinstance(pipeline, DiffusionPipeline)
-        try:
-            pipeline.check(request.params)
-        except ImageRequestError as exc:
-            raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from exc
-        return self._enqueue(WorkerJob(handle=JobHandle(request, sink), model_id=spec.id, prompt_ids=[]))
-
-    def _submit(self, request: ChatRequest, sink: Sink) -> JobHandle:
-        if request.params.seed is None:
-            # A drawn seed makes a job retried after a device reset repeat itself exactly.
-            params = dataclasses.replace(request.params, seed=secrets.randbits(63))
-            request = dataclasses.replace(request, params=params)
-        model_id = request.model or self.default_chat
-        spec = self.specs.get(model_id or "")
-        if spec is None or spec.kind != "chat":
-            available = ", ".join(m for m, s in self.specs.items() if s.kind == "chat") or "none"
-            raise EngineError(
-                ErrorCode.MODEL_NOT_FOUND, f"no chat model {request.model!r} here; available: {available}"
-            )
-        runner = self._any_runner(spec.id)
-        assert isinstance(runner, LLMRunner)
-        try:
-            if request.messages is not None:
-                prompt_ids = runner.encode_chat(request.messages, enable_thinking=request.enable_thinking)
-            else:
-                prompt_ids = runner.encode(
-                    request.prompt or "", parse_special_tokens=request.parse_special_tokens
-                )
-            runner.check_prompt(prompt_ids)
-        except ContextLengthError as exc:
-            details = {"prompt_tokens": exc.prompt_tokens, "max_prompt_tokens": exc.limit,
-                       "context_length": runner.context_length}
-            raise EngineError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc), details=details) from exc
-        except ValueError as exc:
-            raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from exc
-        handle = JobHandle(request, sink)
-        return self._enqueue(WorkerJob(handle=handle, model_id=spec.id, prompt_ids=prompt_ids))
+        if spec is None or spec.kind != kind.name:
+            available = [m for m, s in self.specs.items() if s.kind == kind.name]
+            raise kind.model_not_found(request.model, available)
+        request, state = kind.admit(request, self._any_runner(spec.id))
+        job = WorkerJob(handle=JobHandle(request, sink), model_id=spec.id, kind=kind, state=state)
+        return self._enqueue(job)
 
     def _enqueue(self, job: WorkerJob) -> JobHandle:
         handle = job.handle
@@ -332,20 +296,12 @@ class Engine:
 
     def models(self) -> list[ModelInfo]:
         infos = []
+        kinds = all_kinds()
         for spec in self.specs.values():
             runner = self.workers[0].runners.get(spec.id)
-            infos.append(
-                ModelInfo(
-                    id=spec.id,
-                    kind=spec.kind,
-                    loaded=runner is not None,
-                    backend=runner.backend if runner else None,
-                    context_length=getattr(runner, "context_length", None),
-                    max_prompt_tokens=getattr(runner, "max_prompt_tokens", None),
-                    sizes=getattr(runner, "sizes", None),
-                    steps=getattr(runner, "supported_steps", None),
-                )
-            )
+            facts = kinds[spec.kind].facts(runner) if runner is not None else ModelFacts()
+            infos.append(ModelInfo(id=spec.id, kind=spec.kind, loaded=runner is not None,
+                                   backend=runner.backend if runner else None, **dataclasses.asdict(facts)))
         return infos
 
     def state(self) -> EngineState:
@@ -519,7 +475,7 @@ class Engine:
                 self._untake_locked(job)
             for job in retry:
                 job.attempts += 1
-                job.resume = "".join(job.parts)
+                job.kind.retry(job)
                 job.handle.status = "queued"
                 self._queue.push_front(job)
             self._work.notify_all()
@@ -568,16 +524,8 @@ class Engine:
         self.count_outcome(isinstance(event, Done))
         if isinstance(event, Failed):
             self.metrics.failure.labels(event.error.code.value).inc()
-        elif isinstance(event.result, ImageResult):
-            self.metrics.for_model(job.model_id).e2e.observe(event.result.total_ms / 1e3)
-            self.metrics.success.labels(job.model_id, "image").inc()
         else:
-            usage = event.result.usage
-            model = self.metrics.for_model(job.model_id)
-            model.prompt_tokens.inc(usage.prompt_tokens)
-            model.cached_tokens.inc(usage.cached_tokens)
-            model.e2e.observe(event.result.total_ms / 1e3)
-            self.metrics.success.labels(job.model_id, event.result.finish_reason).inc()
+            job.kind.record(self.metrics, job.model_id, event)
         try:
             job.handle.finish(event)
         except Exception:

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from npu.diffusion.params import ImageStep
 from npu.engine.api import EngineError, ErrorCode, JobHandle
-from npu.llm.params import GenerationResponse
+
+if TYPE_CHECKING:
+    from npu.engine.kinds import JobKind
 
 
 @dataclass
 class WorkerJob:
     handle: JobHandle
     model_id: str
-    prompt_ids: list[int]
+    kind: JobKind
+    state: Any = None  # the kind's own progress, kept across a retry (a chat's prompt and text sent)
     started: float = 0.0
     attempts: int = 0  # starts after a device reset (a job is retried once)
-    resume: str = ""  # text already sent before a reset, to be matched again and not re-sent
-    last_token_at: float | None = None  # None until the first generated token
-    tokens_counted: int = 0
-    stream: Iterator[GenerationResponse] | Iterator[ImageStep] | None = None
-    parts: list[str] = field(default_factory=list)
+    stream: Iterator[Any] | None = None  # the kind's steps, once a worker started the job
     taken: bool = False  # taken from the queue by a worker and not yet ended (the engine's count)
 
 

@@ -20,29 +20,11 @@ from typing import Literal, Protocol
 from npu.device.base import DeviceFault, DeviceMonitor
 from npu.device.cmm_plan import bundle_mib
 from npu.device.thermal import ThermalLevel
-from npu.diffusion.image_encode import ImageTooLarge
-from npu.diffusion.params import DecodedImage, ImageStep
-from npu.diffusion.pipeline import DiffusionPipeline, ImageRequestError, encode_decoded
-from npu.engine.api import (
-    ChatRequest,
-    ChatResult,
-    Delta,
-    Done,
-    EngineError,
-    ErrorCode,
-    Failed,
-    ImageProgress,
-    ImageRequest,
-    ImageResult,
-    JobEvent,
-    JobHandle,
-    Progress,
-)
+from npu.engine.api import Done, EngineError, ErrorCode, Failed, JobEvent, JobHandle
 from npu.engine.config import EngineConfig, ModelSpec
 from npu.engine.job import WorkerJob, expiry_error
+from npu.engine.kinds import Runner, StepOutcome, all_kinds
 from npu.engine.metrics import EngineMetrics
-from npu.llm.kv_cache import CacheMemoryError
-from npu.llm.runner import LLMRunner
 from npu.runtime.memory import release_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -51,14 +33,12 @@ WorkerState = Literal["loading", "ready", "reloading", "recovering", "failed"]
 __all__ = ["DeviceWorker", "ModelSpec", "Runner", "RunnerLoader", "WorkerHost", "load_runner"]
 
 
-Runner = LLMRunner | DiffusionPipeline
 RunnerLoader = Callable[[ModelSpec, int, int], Runner]
 
 
 def load_runner(spec: ModelSpec, device_id: int, cache_slots: int) -> Runner:
-    if spec.kind == "image":
-        return DiffusionPipeline.load(spec.path, backend=spec.runtime, device_id=device_id)
-    return LLMRunner.load(spec.path, backend=spec.runtime, device_id=device_id, cache_slots=cache_slots)
+    """Load a model the way its kind does (``npu.engine.kinds``)."""
+    return all_kinds()[spec.kind].load(spec, device_id, cache_slots)
 
 
 class WorkerHost(Protocol):
@@ -240,13 +220,7 @@ class DeviceWorker(threading.Thread):
             self._finish(job, Failed(error))
             return
         job.started = now
-        request = handle.request
-        if isinstance(request, ImageRequest):
-            assert isinstance(runner, DiffusionPipeline)
-            job.stream = runner.generate_steps(request.params)
-        else:
-            assert isinstance(runner, LLMRunner) and isinstance(request, ChatRequest)
-            job.stream = runner.stream_generate(job.prompt_ids, request.params)
+        job.stream = job.kind.steps(job, runner)
         handle.status = "running"
         with self._active_lock:
             self._active.append(job)
@@ -276,38 +250,28 @@ class DeviceWorker(threading.Thread):
             return  # the step came back after the recovery took its job over
         now = time.monotonic()
         self._warn_slow_step(now - started)
-        if isinstance(resp, ImageStep):
-            self._image_step(job, resp, now)
-            return
-        if resp.usage.completion_tokens > job.tokens_counted:
-            self._count_tokens(job, resp.usage.completion_tokens, now)
-        text = resp.text
-        if job.resume and text:
-            n = min(len(text), len(job.resume))
-            if text[:n] != job.resume[:n]:
-                message = "the device was reset and the answer did not repeat identically; it was stopped"
-                self._fail(job, EngineError(ErrorCode.DEVICE_RESET, message))
-                return
-            job.resume, text = job.resume[n:], text[n:]
-        if text:
-            job.parts.append(text)
-            self._emit(handle, Delta(text, resp.token))
-        elif resp.token is None and resp.finish_reason is None:
-            self._emit(handle, Progress(resp.prompt_done, resp.usage.prompt_tokens))
-        if resp.finish_reason is not None:
-            result = ChatResult(
-                text="".join(job.parts),
-                model=job.model_id,
-                finish_reason=resp.finish_reason,
-                usage=resp.usage,
-                prompt_ms=resp.prompt_ms,
-                generation_ms=resp.generation_ms,
-                total_ms=(time.monotonic() - handle.submitted) * 1e3,
-                queued_ms=(job.started - handle.submitted) * 1e3,
-            )
+        self._apply(job, job.kind.advance(job, resp, now, self.engine.metrics), now)
+
+    def _apply(self, job: WorkerJob, outcome: StepOutcome, now: float) -> None:
+        """Send a step's events; end the job when the step ended it, now or after host work."""
+        for event in outcome.events:
+            self._emit(job.handle, event)
+        later = outcome.later
+        if isinstance(outcome.end, Failed):
+            self._fail(job, outcome.end.error)
+        elif outcome.end is not None:
             self._remove(job)
             self.engine.record_duration(now - job.started)
-            self._finish(job, Done(result))
+            self._finish(job, outcome.end)
+        elif later is not None:
+            self._remove(job)
+            self.engine.encode_later(lambda: self._finish_later(job, later))
+
+    def _finish_later(self, job: WorkerJob, work: Callable[[], Done | Failed]) -> None:
+        event = work()
+        if isinstance(event, Done):
+            self.engine.record_duration(time.monotonic() - job.started)
+        self._finish(job, event)
 
     def _step_failed(self, job: WorkerJob, exc: Exception) -> None:
         if isinstance(exc, DeviceFault):
@@ -316,10 +280,8 @@ class DeviceWorker(threading.Thread):
             self.engine.device_fault(self, str(exc))
         elif isinstance(exc, EngineError):
             self._fail(job, exc)
-        elif isinstance(exc, CacheMemoryError):  # the card cannot hold one more conversation now
-            self._fail(job, EngineError(ErrorCode.BUSY, str(exc)))
-        elif isinstance(exc, ImageRequestError):
-            self._fail(job, EngineError(ErrorCode.BAD_REQUEST, str(exc)))
+        elif (known := job.kind.failure(exc)) is not None:
+            self._fail(job, known)
         elif isinstance(exc, StopIteration):
             self._fail(job, EngineError(ErrorCode.INTERNAL, "generation ended without a result"))
         else:
@@ -330,47 +292,6 @@ class DeviceWorker(threading.Thread):
         if elapsed > self.engine.config.step_timeout:
             logger.warning("device %d: a step took %.1f s (watchdog %.1f s)", self.device_id, elapsed,
                            self.engine.config.step_timeout)
-
-    def _image_step(self, job: WorkerJob, step: ImageStep, now: float) -> None:
-        """Progress, or (the picture decoded) its encoding handed to the engine's encoder thread:
-        the device takes the next job's step meanwhile."""
-        if step.decoded is None:
-            self._emit(job.handle, ImageProgress(step.stage, step.step, step.steps))
-            return
-        decoded = step.decoded
-        self.engine.encode_later(lambda: self._encode_and_finish(job, decoded))
-        self._remove(job)
-
-    def _encode_and_finish(self, job: WorkerJob, decoded: DecodedImage) -> None:
-        handle = job.handle
-        request = handle.request
-        assert isinstance(request, ImageRequest)
-        try:
-            output = encode_decoded(decoded, request.params)
-        except ImageTooLarge as exc:
-            self._finish(job, Failed(EngineError(ErrorCode.BAD_REQUEST, str(exc))))
-            return
-        except Exception as exc:
-            logger.exception("encoding the image of job %s failed", handle.id)
-            self._finish(job, Failed(EngineError(ErrorCode.INTERNAL, f"encoding the image failed: {exc}")))
-            return
-        now = time.monotonic()
-        self.engine.record_duration(now - job.started)
-        self._finish(job, Done(ImageResult(output=output, model=job.model_id,
-                                           total_ms=(now - handle.submitted) * 1e3,
-                                           queued_ms=(job.started - handle.submitted) * 1e3)))
-
-    def _count_tokens(self, job: WorkerJob, total: int, now: float) -> None:
-        """Feed the latency histograms and the token counter as the job's usage grows."""
-        metrics = self.engine.metrics.for_model(job.model_id)
-        if job.last_token_at is None:
-            metrics.ttft.observe(now - job.handle.submitted)
-            metrics.queue_time.observe(job.started - job.handle.submitted)
-        else:
-            metrics.itl.observe(now - job.last_token_at)
-        metrics.generation_tokens.inc(total - job.tokens_counted)
-        job.tokens_counted = total
-        job.last_token_at = now
 
     def _emit(self, handle: JobHandle, event: JobEvent) -> None:
         if self.abandoned:
