@@ -35,15 +35,12 @@ from bridge_http.auth import exposure_warning
 from bridge_http.bridge import BridgeSettings
 from bridge_http.server import HttpServer, HttpServerError
 from handlers.acceptance import Replayed
-from handlers.context import HandlerContext, ImageDefaults, Limits
+from handlers.context import HandlerContext, Limits
 from handlers.registry import Dispatcher
 from handlers.reply import publish_all
 from npu.device.sim import SimMonitor
-from npu.device.thermal import ThermalLimits
 from npu.engine.api import EngineState
-from npu.engine.engine import Engine, EngineConfig
-from npu.engine.recovery import RecoveryConfig
-from npu.engine.worker import ModelSpec
+from npu.engine.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +52,6 @@ def app_version() -> str:
         return "0+unknown"
 
 
-def model_specs(config: ApplianceConfig) -> list[ModelSpec]:
-    return [
-        ModelSpec(m.id, m.kind, config.model_path(m), runtime=m.runtime, preload=m.preload, default=m.default)
-        for m in config.models
-    ]
-
-
 class Appliance:
     """The wired process; ``start()`` and ``stop()`` read as ordered lists of steps."""
 
@@ -71,25 +61,10 @@ class Appliance:
         self.stop_event = threading.Event()
         self.started_at = time.time()
         self.monitor = make_device_monitor(config)
-        thermal, recovery = config.device.thermal, config.device.recovery
-        self.engine = Engine(
-            model_specs(config),
-            config=EngineConfig(
-                queue_max=config.engine.queue_max,
-                request_timeout=config.engine.request_timeout,
-                step_timeout=config.engine.step_timeout,
-                max_active=config.engine.max_active,
-                throttle_delay=thermal.throttle_delay,
-            ),
-            device_ids=config.device.ids,
-            monitor=self.monitor,
-            recovery=RecoveryConfig(attempts=recovery.attempts, backoff=recovery.backoff,
-                                    backoff_max=recovery.backoff_max),
-        )
-        self.health = HealthChecks(
-            self.engine, self.monitor,
-            ThermalLimits(thermal.warn, thermal.throttle, thermal.pause, thermal.hysteresis), self.event,
-        )
+        self.engine = Engine(config.model_specs(), config=config.engine_settings(),
+                             device_ids=config.device.ids, monitor=self.monitor,
+                             recovery=config.recovery_settings())
+        self.health = HealthChecks(self.engine, self.monitor, config.thermal_limits(), self.event)
         self.inbound: queue.Queue[InboundMessage] = queue.Queue()
         ha = config.homeassistant.enabled
         self._discovery: dict[str, Any] | None = None
@@ -103,8 +78,7 @@ class Appliance:
                                    window=config.journal.dedup_window)
         context = HandlerContext(
             self.engine, self.link.publish, self.topics, Limits(max_payload=config.mqtt.max_payload),
-            images=ImageDefaults(config.images.display, config.images.format, config.images.quality,
-                                 config.images.max_bytes),
+            images=config.image_defaults(),
             sim=self.monitor if isinstance(self.monitor, SimMonitor) else None,
             journal=self.journal,
         )

@@ -4,6 +4,11 @@ Every section forbids unknown keys, so a typo is an error naming the key and the
 not a silently ignored setting discovered weeks later in a gallery. Every field has a default, so
 an empty file (or none at all) is the demo configuration of ``appliance.yaml``.
 
+Each setting is defined once: the dataclass its part of the appliance reads (``npu.engine.config``,
+``npu.device.thermal.ThermalLimits``, ``handlers.context``) holds its default, and this module
+adds the ranges, the descriptions and the mapping onto those dataclasses (``engine_settings`` and
+its siblings), by field name.
+
 Model paths: ``ModelConfig.path`` keeps the value as written; ``ApplianceConfig.model_path(m)``
 resolves a relative one against the folder of the config file ``load_config`` read (the working
 folder when no file was read).
@@ -11,13 +16,14 @@ folder when no file was read).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -32,7 +38,9 @@ from pydantic import (
 )
 
 from bridge_http.body_guard import DEFAULT_MAX_BODY
-from handlers.context import DEFAULT_MAX_PAYLOAD
+from handlers.context import ImageDefaults, Limits
+from npu.device.thermal import ThermalLimits
+from npu.engine import config as engine
 from npu.validation import clean_message
 
 logger = logging.getLogger(__name__)
@@ -43,6 +51,25 @@ DEMO_MODEL_ID = "smollm2-135m-instruct"
 _WILDCARDS = re.compile(r"[+#\x00]")
 _NOT_ONE_LEVEL = re.compile(r"[/+#\x00]")
 _ORIGIN = re.compile(r"^https?://[^/\s]+$")
+T = TypeVar("T")
+
+
+def default_of(cls: type[Any], name: str) -> Any:
+    """The default the dataclass ``cls`` gives ``name``: the one definition of that setting."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def onto(cls: type[T], *sections: BaseModel, renames: Mapping[str, str] | None = None, **extra: Any) -> T:
+    """Build ``cls`` from the fields of ``sections`` it shares by name (or by ``renames``); ``extra``
+    gives the rest, or replaces a value the sections hold (a resolved path)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for section in sections:
+        for key in type(section).model_fields:
+            target = (renames or {}).get(key, key)
+            if target in names:
+                values[target] = getattr(section, key)
+    return cls(**{**values, **extra})
 
 
 def _origin(value: str) -> str:
@@ -123,7 +150,8 @@ class MqttConfig(BaseConfig):
     )
     keepalive: int = Field(30, ge=5, le=3600, description="MQTT keepalive, seconds")
     max_payload: int = Field(
-        DEFAULT_MAX_PAYLOAD, ge=1024, le=16 * 2**20, description="Largest request payload accepted, bytes"
+        default_of(Limits, "max_payload"), ge=1024, le=16 * 2**20,
+        description="Largest request payload accepted, bytes",
     )
 
     @field_validator("base_topic")
@@ -194,11 +222,19 @@ class HttpConfig(BaseConfig):
 
 
 class ThermalConfig(BaseConfig):
-    warn: float = Field(75.0, ge=30, le=120, description="°C: an event and a warning")
-    throttle: float = Field(80.0, ge=30, le=120, description="°C: one job at a time, cool-down pauses")
-    pause: float = Field(85.0, ge=30, le=120, description="°C: no jobs until below the warn level")
-    hysteresis: float = Field(3.0, ge=0, le=20, description="°C below a level before leaving it")
-    throttle_delay: float = Field(0.25, ge=0, le=10, description="Seconds of cool-down between steps")
+    """The ``device.thermal`` section: ``ThermalLimits`` (its keys without ``_c``) and the engine's
+    ``throttle_delay``."""
+
+    warn: float = Field(default_of(ThermalLimits, "warn_c"), ge=30, le=120,
+                        description="°C: an event and a warning")
+    throttle: float = Field(default_of(ThermalLimits, "throttle_c"), ge=30, le=120,
+                            description="°C: one job at a time, cool-down pauses")
+    pause: float = Field(default_of(ThermalLimits, "pause_c"), ge=30, le=120,
+                         description="°C: no jobs until below the warn level")
+    hysteresis: float = Field(default_of(ThermalLimits, "hysteresis_c"), ge=0, le=20,
+                              description="°C below a level before leaving it")
+    throttle_delay: float = Field(default_of(engine.EngineConfig, "throttle_delay"), ge=0, le=10,
+                                  description="Seconds of cool-down between steps")
 
     @model_validator(mode="after")
     def _rising(self) -> ThermalConfig:
@@ -207,10 +243,15 @@ class ThermalConfig(BaseConfig):
         return self
 
 
-class RecoveryConfigSection(BaseConfig):
-    attempts: int = Field(3, ge=1, le=20, description="Resets tried before the device is declared failed")
-    backoff: float = Field(2.0, ge=0, le=600, description="Seconds before the second attempt; doubles")
-    backoff_max: float = Field(60.0, ge=0, le=3600, description="Longest pause between attempts")
+class RecoveryConfig(BaseConfig):
+    """The ``device.recovery`` section, mapped onto ``npu.engine.config.RecoveryConfig``."""
+
+    attempts: int = Field(default_of(engine.RecoveryConfig, "attempts"), ge=1, le=20,
+                          description="Resets tried before the device is declared failed")
+    backoff: float = Field(default_of(engine.RecoveryConfig, "backoff"), ge=0, le=600,
+                           description="Seconds before the second attempt; doubles")
+    backoff_max: float = Field(default_of(engine.RecoveryConfig, "backoff_max"), ge=0, le=3600,
+                               description="Longest pause between attempts")
 
 
 class SimEventConfig(BaseConfig):
@@ -241,7 +282,7 @@ class DeviceConfig(BaseConfig):
     smi_path: str = Field("axcl-smi", min_length=1, description="axcl-smi: a name on PATH or a path")
     health_interval: float = Field(2.0, ge=0.2, le=60, description="Seconds between health checks")
     thermal: ThermalConfig = Field(default_factory=lambda: ThermalConfig())
-    recovery: RecoveryConfigSection = Field(default_factory=lambda: RecoveryConfigSection())
+    recovery: RecoveryConfig = Field(default_factory=lambda: RecoveryConfig())
     sim: SimConfig = Field(default_factory=lambda: SimConfig())
 
     @field_validator("ids")
@@ -252,18 +293,22 @@ class DeviceConfig(BaseConfig):
         return value
 
 
-class EngineSectionConfig(BaseConfig):
-    """The ``engine`` section (``npu.engine.EngineConfig`` is built from it)."""
+class EngineConfig(BaseConfig):
+    """The ``engine`` section, mapped onto ``npu.engine.config.EngineConfig``."""
 
-    queue_max: int = Field(32, ge=1, le=10000, description="Jobs that may wait; more are refused 'busy'")
+    queue_max: int = Field(default_of(engine.EngineConfig, "queue_max"), ge=1, le=10000,
+                           description="Jobs that may wait; more are refused 'busy'")
     request_timeout: float = Field(
-        120.0, gt=0, le=3600, description="Longest a job may take from submission to its end, seconds"
+        default_of(engine.EngineConfig, "request_timeout"), gt=0, le=3600,
+        description="Longest a job may take from submission to its end, seconds",
     )
     step_timeout: float = Field(
-        30.0, gt=0, le=600, description="Watchdog: longest one step (prefill chunk, token) may take, seconds"
+        default_of(engine.EngineConfig, "step_timeout"), gt=0, le=600,
+        description="Watchdog: longest one step (prefill chunk, token) may take, seconds",
     )
     max_active: int = Field(
-        2, ge=1, le=16, description="Jobs stepped side by side per device (one KV cache each)"
+        default_of(engine.EngineConfig, "max_active"), ge=1, le=16,
+        description="Jobs stepped side by side per device (one KV cache each)",
     )
 
 
@@ -272,12 +317,14 @@ class TelemetryConfig(BaseConfig):
 
 
 class ImagesConfig(BaseConfig):
-    display: str = Field("main", pattern=r"^[A-Za-z0-9._-]+$", max_length=64,
+    display: str = Field(default_of(ImageDefaults, "display"), pattern=r"^[A-Za-z0-9._-]+$", max_length=64,
                          description="The display an image goes to when a request names none")
-    format: Literal["png", "jpeg"] = Field("png", description="Image format when a request names none")
-    quality: int = Field(90, ge=40, le=100, description="JPEG quality to start from")
+    format: Literal["png", "jpeg"] = Field(default_of(ImageDefaults, "format"),
+                                           description="Image format when a request names none")
+    quality: int = Field(default_of(ImageDefaults, "quality"), ge=40, le=100,
+                         description="JPEG quality to start from")
     max_bytes: int = Field(
-        3_500_000, ge=50_000, le=256 * 1024 * 1024,
+        default_of(ImageDefaults, "max_bytes"), ge=50_000, le=256 * 1024 * 1024,
         description="Largest image published; keep it under the broker's max_packet_size (JPEG steps down)",
     )
     url_ttl: float = Field(3600, ge=10, le=7 * 86400,
@@ -334,9 +381,7 @@ class ApplianceConfig(BaseConfig):
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="The broker and the topic tree")
     http: HttpConfig = Field(default_factory=HttpConfig, description="The OpenAI-compatible HTTP bridge")
     device: DeviceConfig = Field(default_factory=DeviceConfig, description="NPU devices and their monitor")
-    engine: EngineSectionConfig = Field(
-        default_factory=EngineSectionConfig, description="Job queue and time limits"
-    )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Job queue and time limits")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Telemetry publishing")
     images: ImagesConfig = Field(
         default_factory=ImagesConfig, description="Generated images: displays, format, size"
@@ -385,6 +430,24 @@ class ApplianceConfig(BaseConfig):
         """A model's bundle folder; a relative path is relative to the config file's folder."""
         path = Path(model.path).expanduser()
         return path if path.is_absolute() else self._base_dir / path
+
+    # --- onto the dataclasses the parts read ------------------------------------------------------
+    def engine_settings(self) -> engine.EngineConfig:
+        return onto(engine.EngineConfig, self.engine, self.device.thermal)
+
+    def recovery_settings(self) -> engine.RecoveryConfig:
+        return onto(engine.RecoveryConfig, self.device.recovery)
+
+    def thermal_limits(self) -> ThermalLimits:
+        thermal = self.device.thermal
+        return onto(ThermalLimits, thermal, renames={k: f"{k}_c" for k in ("warn", "throttle", "pause",
+                                                                           "hysteresis")})
+
+    def model_specs(self) -> list[engine.ModelSpec]:
+        return [onto(engine.ModelSpec, m, path=self.model_path(m)) for m in self.models]
+
+    def image_defaults(self) -> ImageDefaults:
+        return onto(ImageDefaults, self.images)
 
 
 # --- error messages -----------------------------------------------------------------------------
