@@ -229,7 +229,7 @@ def test_axcl_reset_fails_clearly_without_axcl_smi_or_when_the_card_stays_dead(
         AxclMonitor(None).reset(0)
     assert "reboot -d 0" in str(err.value)
     fake.store.set(0, heals=False, state="dead")
-    monitor = AxclMonitor(SmiMonitor(FAKE), poll=0.05, reset_timeout=1.0)
+    monitor = AxclMonitor(SmiMonitor(FAKE), poll=0.05, reset_timeout=10.0)
     with pytest.raises(DeviceResetError, match="did not succeed"):
         monitor.reset(0)  # the fake tool says the reboot failed
     fake.store.set(0, heals=True)
