@@ -23,7 +23,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -33,6 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from appliance.topics import Topics
+from handlers.inbound import InboundMessage
 
 logger = logging.getLogger(__name__)
 
@@ -64,26 +64,6 @@ class MqttSettings(Protocol):
     shared_group: str | None
     session_expiry: int
     keepalive: int
-
-
-@dataclass(frozen=True)
-class InboundMessage:
-    """One message received on a subscribed topic, copied out of paho's objects.
-
-    ``message_expiry`` is the remaining MQTT 5 Message Expiry Interval in seconds (as the broker
-    forwarded it), counted from ``received_at`` (``time.monotonic()``).
-    """
-
-    topic: str
-    payload: bytes
-    response_topic: str | None
-    correlation_data: bytes | None
-    message_expiry: int | None
-    received_at: float
-    qos: int
-    dup: bool = False  # the broker delivers it again (it may have been seen before)
-    ack: Callable[[], None] | None = field(default=None, compare=False, repr=False)
-    replayed: Any = None  # a request run again from the journal after a restart
 
 
 class MqttLink:

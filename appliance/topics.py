@@ -1,4 +1,4 @@
-"""The appliance's topic tree, built in one place (DESIGN.md "MQTT").
+"""The appliance's topic tree, built in one place (docs/TOPICS.md).
 
 Every topic the process publishes to or subscribes to comes from ``Topics``; nothing else builds
 topic strings. The prefix is added on the way out and stripped on the way in (``request_kind``).

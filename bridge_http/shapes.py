@@ -43,70 +43,49 @@ def usage(results: Sequence[ChatResult], prompts: int = 1) -> dict[str, Any]:
     }
 
 
-def chat_completion(cid: str, created: int, model: str, results: Sequence[ChatResult]) -> dict[str, Any]:
+def envelope(obj: str, cid: str, created: int, model: str, choices: list[dict[str, Any]],
+             usage: dict[str, Any] | None) -> dict[str, Any]:
+    """The fields every OpenAI response and chunk shares, in the order the clients print them."""
     return {
         "id": cid,
-        "object": "chat.completion",
+        "object": obj,
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": r.text},
-                "logprobs": None,
-                "finish_reason": r.finish_reason,
-            }
-            for i, r in enumerate(results)
-        ],
-        "usage": usage(results),
+        "choices": choices,
+        "usage": usage,
     }
+
+
+def choice(index: int, finish_reason: str | None, **content: Any) -> dict[str, Any]:
+    return {"index": index, **content, "logprobs": None, "finish_reason": finish_reason}
+
+
+def chat_completion(cid: str, created: int, model: str, results: Sequence[ChatResult]) -> dict[str, Any]:
+    choices = [choice(i, r.finish_reason, message={"role": "assistant", "content": r.text})
+               for i, r in enumerate(results)]
+    return envelope("chat.completion", cid, created, model, choices, usage(results))
 
 
 def chat_chunk(
     cid: str, created: int, model: str, index: int, delta: dict[str, Any], finish_reason: str | None = None
 ) -> dict[str, Any]:
-    return {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": None,
-    }
+    return envelope("chat.completion.chunk", cid, created, model, [choice(index, finish_reason, delta=delta)],
+                    None)
 
 
 def text_completion(
     cid: str, created: int, model: str, results: Sequence[ChatResult], prefixes: Sequence[str], prompts: int
 ) -> dict[str, Any]:
     """``prefixes[i]`` is the echoed prompt of choice ``i`` ("" without ``echo``)."""
-    return {
-        "id": cid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [
-            {"index": i, "text": prefixes[i] + r.text, "logprobs": None, "finish_reason": r.finish_reason}
-            for i, r in enumerate(results)
-        ],
-        "usage": usage(results, prompts),
-    }
+    choices = [choice(i, r.finish_reason, text=prefixes[i] + r.text) for i, r in enumerate(results)]
+    return envelope("text_completion", cid, created, model, choices, usage(results, prompts))
 
 
 def text_chunk(
     cid: str, created: int, model: str, index: int, text: str, finish_reason: str | None = None
 ) -> dict[str, Any]:
-    return {
-        "id": cid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": None,
-    }
+    return envelope("text_completion", cid, created, model, [choice(index, finish_reason, text=text)], None)
 
 
 def usage_chunk(base: dict[str, Any], results: Sequence[ChatResult], prompts: int = 1) -> dict[str, Any]:

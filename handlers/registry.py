@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -36,6 +36,7 @@ from handlers.control import (
     handle_sim,
 )
 from handlers.image import handle_image
+from handlers.inbound import InboundMessage
 from handlers.payloads import (
     CancelPayload,
     ChatPayload,
@@ -55,18 +56,6 @@ from handlers.reply import Reply, Route, publish_all, route_reply
 from npu.engine.api import EngineError
 
 logger = logging.getLogger(__name__)
-
-
-class InboundLike(Protocol):
-    """``appliance.mqtt_link.InboundMessage`` as the handlers see it (they never import paho)."""
-
-    topic: str
-    payload: bytes
-    response_topic: str | None
-    correlation_data: bytes | None
-    message_expiry: int | None
-    received_at: float
-    qos: int
 
 
 @dataclass(frozen=True)
@@ -109,7 +98,7 @@ def build_registry() -> dict[str, HandlerSpec]:
     return {spec.op: spec for spec in specs}
 
 
-def dispatch(msg: InboundLike, ctx: HandlerContext, registry: Mapping[str, HandlerSpec]) -> Reply | None:
+def dispatch(msg: InboundMessage, ctx: HandlerContext, registry: Mapping[str, HandlerSpec]) -> Reply | None:
     """Run one inbound message through the wrapper; returns its ``Reply`` (None: not a request).
 
     Never raises: every failure becomes the request's error reply. Durable kinds (chat, image)
@@ -181,7 +170,7 @@ def dispatch(msg: InboundLike, ctx: HandlerContext, registry: Mapping[str, Handl
     return reply
 
 
-def _admit(msg: InboundLike, ctx: HandlerContext, reply: Reply, kind: str, sender: str | None,
+def _admit(msg: InboundMessage, ctx: HandlerContext, reply: Reply, kind: str, sender: str | None,
            given_id: str | int | None, payload: bytes) -> bool:
     """Journal a new request and bind its reply; False when it is one the journal has seen.
 
@@ -252,7 +241,7 @@ class Dispatcher:
         self._stopped = False
         self._first: list[Any] = []
 
-    def handle(self, msg: InboundLike) -> Reply | None:
+    def handle(self, msg: InboundMessage) -> Reply | None:
         """Dispatch one message on the caller's thread (the loop uses this; so do tests).
 
         The message is acknowledged to the broker afterwards: by then it is answered, journaled,
@@ -268,7 +257,7 @@ class Dispatcher:
                 except Exception:
                     logger.exception("could not acknowledge a message on %r", getattr(msg, "topic", "?"))
 
-    def _handle(self, msg: InboundLike) -> Reply | None:
+    def _handle(self, msg: InboundMessage) -> Reply | None:
         side = self.side_topics.get(getattr(msg, "topic", ""))
         if side is not None:
             try:

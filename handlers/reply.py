@@ -1,10 +1,11 @@
 """Reply routing and the one-final-reply guarantee.
 
-Routing (DESIGN.md): the MQTT 5 Response Topic (with its Correlation Data) wins; else ``reply_to``
-from the payload; else the default: ``{base}/response/<kind>`` for a public request,
-``replies/<sender>/<kind>`` for a named sender's. A caller-chosen topic must lie in the reply space
-(``appliance.topics.check_reply_topic``); one that does not is not used: the request is answered
-with an error on the default topic that says why, and is not executed.
+Routing (docs/TOPICS.md, "Public and named requests, and the reply space"): the MQTT 5 Response
+Topic (with its Correlation Data) wins; else ``reply_to`` from the payload; else the default:
+``{base}/response/<kind>`` for a public request, ``replies/<sender>/<kind>`` for a named sender's.
+A caller-chosen topic must lie in the reply space (``appliance.topics.check_reply_topic``); one
+that does not is not used: the request is answered with an error on the default topic that says
+why, and is not executed.
 
 Every reply but the shared ``{base}/response/<kind>`` is private: its plain-text copy goes to
 ``<reply topic>/text`` and its stream under ``<reply topic>/stream/<id>``, never to the shared

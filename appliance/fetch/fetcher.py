@@ -26,6 +26,7 @@ from appliance.fetch.layout import (
     repo_path,
 )
 from npu.diffusion.bundle import find_files
+from npu.staged_folder import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -43,21 +44,13 @@ def download_dir(models_dir: Path, source: RepoFiles) -> Path:
 def fetch(entry: CatalogEntry, models_dir: Path, hub: HubClient) -> Path:
     """Download and assemble ``entry`` as ``models_dir/<id>``; returns the bundle folder."""
     started = time.monotonic()
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = models_dir / f".{entry.id}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    bundle = models_dir / entry.id
+    with staged_folder(bundle) as staging:
         if isinstance(entry.source, ChatSource):
             _assemble_chat(entry.source, models_dir, staging, hub)
         else:
             _assemble_image(entry.source, models_dir, staging, hub)
         (staging / SOURCE_FILE).write_text(json.dumps(_provenance(entry), indent=2) + "\n", encoding="utf-8")
-        bundle = models_dir / entry.id
-        _replace(bundle, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("%s ready in %s (%.0f s)", entry.id, bundle, time.monotonic() - started)
     return bundle
 
@@ -103,15 +96,6 @@ def _link(link: Path, target: Path) -> None:
     """A relative symlink; the bundle is renamed later, but it stays at the same depth."""
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(os.path.relpath(target, link.parent))
-
-
-def _replace(bundle: Path, staging: Path) -> None:
-    old = bundle.with_name(f".{bundle.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if bundle.exists():
-        bundle.rename(old)
-    staging.rename(bundle)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
