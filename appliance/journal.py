@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS requests (
     qos INTEGER NOT NULL,
     received REAL NOT NULL,
     state INTEGER NOT NULL,
-    done REAL
+    done REAL,
+    mid INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_key ON requests (digest, sender, given_id);
 CREATE INDEX IF NOT EXISTS requests_open ON requests (state, seq);
@@ -122,12 +123,12 @@ class Journal:
             with self._db:
                 cur = self._db.execute(
                     "INSERT INTO requests (sender, given_id, request_id, kind, digest, topic, payload,"
-                    " response_topic, correlation_data, message_expiry, qos, received, state)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " response_topic, correlation_data, message_expiry, qos, received, mid, state)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (request.sender, request.given_id, request.request_id, request.kind,
                      request.digest, request.topic, request.payload, request.response_topic,
                      request.correlation_data, request.message_expiry, request.qos,
-                     request.received, ACCEPTED),
+                     request.received, request.mid, ACCEPTED),
                 )
             seq = int(cur.lastrowid or 0)
             if now - self._last_prune > 60:
@@ -160,7 +161,7 @@ class Journal:
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, sender, given_id, request_id, kind, digest, topic, payload,"
-                " response_topic, correlation_data, message_expiry, qos, received"
+                " response_topic, correlation_data, message_expiry, qos, received, mid"
                 " FROM requests WHERE state = ? ORDER BY seq", (ACCEPTED,)
             ).fetchall()
         return [Unanswered(r[0], Accepted(*r[1:])) for r in rows]
@@ -197,10 +198,14 @@ class Journal:
 
     # internals --------------------------------------------------------------------------------
     def _find(self, request: Accepted, now: float) -> Admission | None:
+        # Without an id, only the broker's second copy of one message is the same request: it
+        # keeps its packet id, and two visitors typing the same words do not share one.
+        same_packet = " AND mid = ?" if request.given_id is None else ""
         row = self._db.execute(
             "SELECT seq, state FROM requests WHERE digest = ? AND sender IS ? AND given_id IS ?"
-            " AND (state < ? OR done >= ?) ORDER BY seq DESC LIMIT 1",
-            (request.digest, request.sender, request.given_id, DELIVERED, now - self.window),
+            f" AND (state < ? OR done >= ?){same_packet} ORDER BY seq DESC LIMIT 1",
+            (request.digest, request.sender, request.given_id, DELIVERED, now - self.window,
+             *((request.mid,) if request.given_id is None else ())),
         ).fetchone()
         if row is None:
             return None
@@ -245,6 +250,9 @@ def _connect(path: Path, sync: SyncMode) -> sqlite3.Connection:
         db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+        if "mid" not in columns:  # a journal written before packet ids were kept
+            db.execute("ALTER TABLE requests ADD COLUMN mid INTEGER NOT NULL DEFAULT 0")
         db.execute("PRAGMA quick_check").fetchone()
     except sqlite3.DatabaseError:
         db.close()

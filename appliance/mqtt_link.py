@@ -354,6 +354,7 @@ def message_from_paho(msg: mqtt.MQTTMessage) -> InboundMessage:
         received_at=time.monotonic(),
         qos=int(msg.qos),
         dup=bool(getattr(msg, "dup", False)),
+        mid=int(getattr(msg, "mid", 0) or 0),
     )
 
 

@@ -5,7 +5,8 @@ crash or power cut after that point loses nothing. Its final reply is written to
 it is published and marked *delivered* when the broker acknowledges it; after a restart, accepted
 prompts are run again and replies not yet delivered are published again. Requests are told apart
 by ``(sender, id, digest of the payload)``, so a QoS 1 redelivery or a client resending the same
-request within the journal's window costs no second generation.
+request within the journal's window costs no second generation; a request without an id is
+matched only as a redelivery, by its packet id too.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Accepted:
     message_expiry: int | None
     qos: int
     received: float
+    mid: int = 0  # the MQTT packet id it came with: a redelivery keeps it
 
 
 class Seen(enum.Enum):

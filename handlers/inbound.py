@@ -25,5 +25,6 @@ class InboundMessage:
     received_at: float
     qos: int
     dup: bool = False  # the broker delivers it again (it may have been seen before)
+    mid: int = 0  # the packet id; a redelivery keeps the one of its first delivery
     ack: Callable[[], None] | None = field(default=None, compare=False, repr=False)
     replayed: Replayed | None = None  # a request run again from the journal after a restart

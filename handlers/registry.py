@@ -186,6 +186,7 @@ def _admit(msg: InboundMessage, ctx: HandlerContext, reply: Reply, kind: str, se
         topic=msg.topic, payload=payload, response_topic=msg.response_topic,
         correlation_data=msg.correlation_data, message_expiry=msg.message_expiry, qos=msg.qos,
         received=time.time() - max(0.0, time.monotonic() - msg.received_at),
+        mid=int(getattr(msg, "mid", 0) or 0),
     )
     admission = ctx.journal.admit(accepted, redelivered=redelivered)
     if admission.seen is Seen.NEW:

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +90,13 @@ def test_duplicates_within_the_window_are_recognised(tmp_path: Path) -> None:
 
 def test_requests_without_an_id_are_only_compared_when_redelivered(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j.sqlite3", clock=Clock())
-    plain = accepted(rid=None, payload=b"Hello!")
-    assert journal.admit(plain, redelivered=False).seen is Seen.NEW
-    assert journal.admit(plain, redelivered=False).seen is Seen.NEW  # two visitors, same words
-    assert journal.admit(plain, redelivered=True).seen is Seen.PENDING  # the broker's second copy
+    first, second = (replace(accepted(rid=None, payload=b"Hello!"), mid=m) for m in (7, 8))
+    assert journal.admit(first, redelivered=False).seen is Seen.NEW
+    assert journal.admit(second, redelivered=False).seen is Seen.NEW  # two visitors, same words
+    assert journal.admit(first, redelivered=True).seen is Seen.PENDING  # the broker's second copy
+    # A redelivery of a message the journal never saw (lost in a crash) is new, even when
+    # someone else sent the same words before.
+    assert journal.admit(replace(first, mid=9), redelivered=True).seen is Seen.NEW
     journal.close()
 
 
