@@ -62,7 +62,7 @@ def add_unversioned_routes(app: FastAPI, routers: list[APIRouter]) -> None:
         for route in router.routes:
             if isinstance(route, APIRoute) and route.path in UNVERSIONED:
                 app.add_api_route(
-                    route.path.removeprefix("/v1"), route.endpoint, methods=sorted(route.methods),
+                    route.path.removeprefix("/v1"), route.endpoint, methods=sorted(route.methods or ()),
                     dependencies=[*router.dependencies, *route.dependencies],
                     name=f"{route.name}_unversioned", include_in_schema=False,
                     response_class=route.response_class,

@@ -12,7 +12,9 @@ like every other error.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from email.message import Message
+from typing import Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -123,7 +125,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     (a route that watches for ``http.disconnect`` still sees the client leave)."""
     sent = False
 
-    async def replay() -> dict[str, object]:
+    async def replay() -> MutableMapping[str, Any]:
         nonlocal sent
         if not sent:
             sent = True

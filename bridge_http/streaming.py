@@ -92,8 +92,10 @@ async def stream_sse(
                     last_ping = time.monotonic()
                     yield shapes.PING
             elif isinstance(event, Done):
-                fmt.results[index] = event.result
-                yield shapes.sse(fmt.finish(index, event.result.finish_reason))
+                result = event.result
+                assert isinstance(result, ChatResult)  # a chat job's result
+                fmt.results[index] = result
+                yield shapes.sse(fmt.finish(index, result.finish_reason))
             elif isinstance(event, Failed):
                 group.cancel()
                 yield shapes.sse(OpenAIError.from_engine(event.error).body)

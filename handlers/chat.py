@@ -26,7 +26,7 @@ from typing import Any
 from handlers.context import PENDING, HandlerContext, HandlerError, RequestMeta, engine_request_id
 from handlers.payloads import ChatPayload, ImagePayload
 from handlers.reply import JobSink, Reply
-from npu.engine.api import ChatRequest, Delta, Done, EngineError, Failed, JobEvent
+from npu.engine.api import ChatRequest, ChatResult, Delta, Done, EngineError, Failed, JobEvent
 from npu.llm.params import GenerationParams, max_prompt_chars
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class ChatSink(JobSink):
             if self.stream_topic is not None:
                 self._stream("", done=True)
             r = event.result
+            assert isinstance(r, ChatResult)  # a chat job's result
             usage = r.usage
             self.reply.ok({
                 "text": r.text,

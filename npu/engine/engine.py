@@ -467,7 +467,8 @@ class Engine:
 
     def requeue_after_fault(self, jobs: list[WorkerJob]) -> None:
         """Jobs that were running when the device failed: retried once, first in line."""
-        retry, give_up = [], []
+        retry: list[WorkerJob] = []
+        give_up: list[WorkerJob] = []
         for job in jobs:
             (give_up if job.attempts >= 1 else retry).append(job)
         with self._work:

@@ -26,7 +26,8 @@ class EngineMetrics:
     """Counters and histograms the workers feed; gauges read live from the engine."""
 
     def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int]) -> None:
-        disable_created_metrics()  # the *_created series only double what dashboards scrape
+        # The *_created series only double what dashboards scrape.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         model = ("model_name",)
