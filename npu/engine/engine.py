@@ -32,6 +32,7 @@ from npu.engine.api import (
     StateListener,
 )
 from npu.engine.config import EngineConfig, ModelSpec, RecoveryConfig
+from npu.engine.events import Listeners
 from npu.engine.job import WorkerJob
 from npu.engine.kinds import ModelFacts, Runner, all_kinds, kind_for_request
 from npu.engine.metrics import EngineMetrics
@@ -80,8 +81,7 @@ class Engine:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._queue = JobQueue()
-        self._listeners: list[StateListener] = []
-        self._event_listeners: list[EventListener] = []
+        self._listeners = Listeners(self.state)
         self._recovering: set[int] = set()
         self._failed: dict[int, str] = {}
         self.stop_event = threading.Event()
@@ -93,10 +93,6 @@ class Engine:
         self._every_worker: list[DeviceWorker] = []  # replaced ones too: stop frees their models
         self._paused_reason: str | None = None
         self._stopping = False
-        self._last_state: EngineState | None = None
-        # Held while a state is computed and handed to the listeners, so the last one published is
-        # always the newest (two threads notifying at once never leave an older state retained).
-        self._notify_lock = threading.RLock()
         # Jobs a worker took from the queue that have not ended: what ``running`` counts. Taking a
         # job and counting it happen under one lock, so no moment shows it neither waiting nor running.
         self._taken = 0
@@ -362,7 +358,7 @@ class Engine:
         return self.metrics.registry
 
     def add_state_listener(self, listener: StateListener) -> None:
-        self._listeners.append(listener)
+        self._listeners.add_state(listener)
 
     # called by workers -----------------------------------------------------------------------
     def next_job(self, worker: DeviceWorker, block: bool, timeout: float = 0.5) -> WorkerJob | None:
@@ -405,15 +401,10 @@ class Engine:
         return dict(self._failed)
 
     def add_event_listener(self, listener: EventListener) -> None:
-        self._event_listeners.append(listener)
+        self._listeners.add_event(listener)
 
     def emit_event(self, name: str, **fields: Any) -> None:
-        logger.info("event %s %s", name, fields)
-        for listener in list(self._event_listeners):
-            try:
-                listener(name, fields)
-            except Exception:
-                logger.exception("event listener failed")
+        self._listeners.emit(name, fields)
 
     def set_thermal(self, device_id: int, level: ThermalLevel) -> None:
         for worker in self.workers:
@@ -564,16 +555,7 @@ class Engine:
 
     def _notify_state(self, force: bool = False) -> None:
         """Hand the state to the listeners when it changed (or always, ``force``: a reconnect)."""
-        with self._notify_lock:
-            state = self.state()
-            if state == self._last_state and not force:
-                return
-            self._last_state = state
-            for listener in list(self._listeners):
-                try:
-                    listener(state)
-                except Exception:
-                    logger.exception("state listener failed")
+        self._listeners.notify(force)
 
     notify_state = _notify_state
 
