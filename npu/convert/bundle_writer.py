@@ -190,7 +190,7 @@ def _write_bundle(src: GGUFSource, hp: Hyperparams, meta: dict[str, Any], out: P
     loader = _WeightLoader(src, bits, q4_form)
     shape = LayerShape(hp.hidden, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.rms_eps, hp.rope_theta)
     for i in range(hp.num_layers):
-        model = build_layer(loader.layer(i), shape, i)
+        model = build_layer(loader.layer(i), shape, i, max_positions=kv_cache_len)
         onnx.save_model(model, str(out / f"{hp.arch}_p{PREFILL_CHUNK}_l{i}_together.onnx"))
     head_name = "token_embd.weight" if hp.tied else "output.weight"
     if bits is None:

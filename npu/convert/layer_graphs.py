@@ -3,8 +3,10 @@
 One layer graph serves every shape group: ``P``, ``T`` and ``W`` are symbolic, and the history
 length ``H = W - T`` comes from the mask's shape, so the same file takes the decode feeds
 (``P = kv_cache_len``, ``T = 1``) and every prefill chunk (a one-row dummy cache for chunk 0).
-Attention runs per kv head on 5-D tensors ``(1, kv_heads, group, T, S)`` so grouped-query heads
-share K/V by broadcasting instead of copying them.
+Attention is ONNX's ``Attention`` (opset 23) on ``(1, T, heads * head_dim)`` tensors, grouped-query
+heads sharing K/V inside the operator, the mask added to every head's scores. These graphs are
+the CPU twin's only (the NPU runs AXERA's compiled ``.axmodel`` files), so they use fused
+operators: ONNX's and ONNX Runtime's contrib ones.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from npu.convert.quant4 import BLOCK, Int8Weight, IntQuantWeight, OffsetQuantWei
 
 logger = logging.getLogger(__name__)
 
-OPSET = 17
-IR_VERSION = 9  # ONNX Runtime >= 1.16 loads it
+OPSET = 23  # RMSNormalization
+IR_VERSION = 10  # ONNX Runtime >= 1.22 loads it
 # MatMulNBits computes with int8 activations per block on its fast kernels (as llama.cpp's
 # quantized dot products do); float zero points have no such path.
 FAST_ACCURACY_LEVEL = 4
@@ -91,13 +93,18 @@ class _Graph:
         return outs[0]
 
     def rms_norm(self, x: str, weight: np.ndarray, eps: float, hint: str) -> str:
-        """Hugging Face RMSNorm: ``w * x / sqrt(mean(x^2) + eps)`` over the last axis."""
-        sq = self.op("Mul", [x, x], f"{hint}_sq")
-        mean = self.op("ReduceMean", [sq], f"{hint}_mean", axes=[-1], keepdims=1)
-        eps_c = self.init(f"{hint}_eps", np.array(eps, dtype=np.float32))
-        root = self.op("Sqrt", [self.op("Add", [mean, eps_c])], f"{hint}_rms")
-        normed = self.op("Div", [x, root], f"{hint}_normed")
-        return self.op("Mul", [normed, self.init(f"{hint}_w", weight.astype(np.float32))], hint)
+        """Hugging Face RMSNorm, ``w * x / sqrt(mean(x^2) + eps)`` over the last axis, as one op."""
+        w = self.init(f"{hint}_w", weight.astype(np.float32))
+        return self.op("RMSNormalization", [x, w], hint, axis=-1, epsilon=eps)
+
+    def skip_rms_norm(self, x: str, skip: str, weight: np.ndarray, eps: float, hint: str) -> tuple[str, str]:
+        """``x + skip`` and its RMSNorm in one op (ONNX Runtime's fused residual norm)."""
+        self.uses_ms = True
+        w = self.init(f"{hint}_w", weight.astype(np.float32))
+        normed, total = self.name(hint), self.name(f"{hint}_residual")
+        self.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [x, skip, w],
+                                           [normed, "", "", total], domain="com.microsoft", epsilon=eps))
+        return normed, total
 
     def block_sums(self, x: str, k: int) -> str:
         """``x`` summed over each block of 32 inputs, ``(..., k / 32)``; once per input."""
@@ -141,6 +148,19 @@ class _Graph:
             y = self.op("Add", [y, self.init(f"{hint}_b", bias.astype(np.float32))], f"{hint}_biased")
         return y
 
+    def linears(self, x: str, ws: list[Weight], hint: str, biases: list[np.ndarray | None]) -> list[str]:
+        """Several projections of one input as one matmul and a split (fewer, larger kernels)."""
+        joined = concat_weights(ws)
+        bias = None
+        if any(b is not None for b in biases):
+            bias = np.concatenate([b if b is not None else np.zeros(w.shape[0] if isinstance(w, np.ndarray)
+                                   else w.n, np.float32) for w, b in zip(ws, biases, strict=True)])
+        y = self.linear(x, joined, hint, bias)
+        sizes = [w.shape[0] if isinstance(w, np.ndarray) else w.n for w in ws]
+        outs = [self.name(f"{hint}_{i}") for i in range(len(ws))]
+        self.nodes.append(helper.make_node("Split", [y, self.const_i64("split", sizes)], outs, axis=-1))
+        return outs
+
     def model(self, name: str, inputs: list[onnx.ValueInfoProto],
               outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, name, inputs, outputs, initializer=self.inits)
@@ -152,55 +172,77 @@ class _Graph:
         return model
 
 
-def _rope_tables(g: _Graph, indices: str, shape: LayerShape) -> tuple[str, str]:
-    """cos and signed sin ``(1, T, 1, head_dim)`` so ``rot = x*cos + swap_halves(x)*sin``."""
-    half = shape.head_dim // 2
+def concat_weights(ws: list[Weight]) -> Weight:
+    """Stack ``[out, in]`` matrices of one input along ``out``, in the form they share."""
+    first = ws[0]
+    if isinstance(first, np.ndarray):
+        return np.concatenate([np.asarray(w, np.float32) for w in ws], axis=0)
+    if isinstance(first, OffsetQuantWeight):
+        return OffsetQuantWeight(concat_weights([w.base for w in ws]),  # type: ignore[union-attr,arg-type]
+                                 np.concatenate([w.offsets for w in ws], axis=0))  # type: ignore[union-attr]
+    if isinstance(first, IntQuantWeight | Int8Weight | QuantWeight):
+        if any(type(w) is not type(first) or w.k != first.k for w in ws):  # type: ignore[union-attr]
+            raise ValueError("matrices of one input must share their form to be joined")
+        fields = {"packed": np.concatenate([w.packed for w in ws], axis=0),  # type: ignore[union-attr]
+                  "scales": np.concatenate([w.scales for w in ws]),  # type: ignore[union-attr]
+                  "n": sum(w.n for w in ws), "k": first.k}  # type: ignore[union-attr]
+        if not isinstance(first, Int8Weight):
+            fields["zero_points"] = np.concatenate([w.zero_points for w in ws])  # type: ignore[union-attr]
+        return type(first)(**fields)  # type: ignore[arg-type]
+    raise TypeError(f"cannot join weights of type {type(first).__name__}")
+
+
+def _same_form(ws: list[Weight]) -> bool:
+    return all(type(w) is type(ws[0]) for w in ws)
+
+
+def _rope_cache(shape: LayerShape, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin ``(max_positions, head_dim / 2)`` as Hugging Face computes them (float32)."""
     exps = np.arange(0, shape.head_dim, 2, dtype=np.float32) / np.float32(shape.head_dim)
     inv_freq = (1.0 / (np.float32(shape.rope_theta) ** exps)).astype(np.float32)
-    pos = g.op("Cast", [indices], "positions", to=TensorProto.FLOAT)
-    pos = g.op("Unsqueeze", [pos, g.const_i64("ax", [-1])], "positions_col")  # (1, T, 1)
-    freqs = g.op("Mul", [pos, g.init("inv_freq", inv_freq.reshape(1, 1, half))], "freqs")
-    cos_h = g.op("Cos", [freqs], "cos_half")
-    sin_h = g.op("Sin", [freqs], "sin_half")
-    cos = g.op("Concat", [cos_h, cos_h], "cos", axis=-1)
-    sin = g.op("Concat", [g.op("Neg", [sin_h]), sin_h], "sin", axis=-1)
-    axis2 = g.const_i64("ax", [2])
-    return g.op("Unsqueeze", [cos, axis2], "cos4"), g.op("Unsqueeze", [sin, axis2], "sin4")
+    freqs = (np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]).astype(np.float32)
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
-def _apply_rope(g: _Graph, x: str, cos: str, sin: str, head_dim: int, hint: str) -> str:
-    half = head_dim // 2
-    split = g.const_i64("split", [half, half])
-    x1 = g.name(f"{hint}_x1")
-    x2 = g.name(f"{hint}_x2")
-    g.nodes.append(helper.make_node("Split", [x, split], [x1, x2], axis=-1))
-    swapped = g.op("Concat", [x2, x1], f"{hint}_swap", axis=-1)
-    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [swapped, sin])], f"{hint}_rope")
+def _rope(g: _Graph, x: str, positions: str, cos: str, sin: str, heads: int, hint: str) -> str:
+    """Hugging Face's rotate-half RoPE on ``(1, T, heads * head_dim)`` in one fused op."""
+    g.uses_ms = True
+    return g.op("RotaryEmbedding", [x, positions, cos, sin], f"{hint}_rope", domain="com.microsoft",
+                interleaved=0, num_heads=heads)
 
 
-def build_layer(w: LayerWeights, shape: LayerShape, index: int) -> onnx.ModelProto:
-    """One decoder layer with inputs K_cache, V_cache, indices, input, mask."""
+def build_layer(w: LayerWeights, shape: LayerShape, index: int, max_positions: int = 2048) -> onnx.ModelProto:
+    """One decoder layer with inputs K_cache, V_cache, indices, input, mask.
+
+    ``max_positions`` bounds the positions the rotary tables hold (the bundle's ``kv_cache_len``).
+    The norms, the rotary embedding and the residual norm are ONNX Runtime's fused operators,
+    and projections of one input run as one matmul: a decode token's cost is mostly per node.
+    """
     g = _Graph()
     hd, nkv = shape.head_dim, shape.n_kv_heads
-    group = shape.n_heads // nkv
     x = "input"
 
     # Attention block.
     h = g.rms_norm(x, w.attn_norm, shape.rms_eps, "attn_norm")
-    q = g.linear(h, w.q, "q_proj", w.q_bias)
-    k = g.linear(h, w.k, "k_proj", w.k_bias)
-    v = g.linear(h, w.v, "v_proj", w.v_bias)
-    q = g.op("Reshape", [q, g.const_i64("shape", [0, 0, shape.n_heads, hd])], "q_heads")
-    k = g.op("Reshape", [k, g.const_i64("shape", [0, 0, nkv, hd])], "k_heads")
+    if _same_form([w.q, w.k, w.v]):
+        q, k, v = g.linears(h, [w.q, w.k, w.v], "qkv_proj", [w.q_bias, w.k_bias, w.v_bias])
+    else:
+        q, k, v = (g.linear(h, m, f"{n}_proj", b) for m, n, b in
+                   ((w.q, "q", w.q_bias), (w.k, "k", w.k_bias), (w.v, "v", w.v_bias)))
     if w.q_norm is not None:
-        q = g.rms_norm(q, w.q_norm, shape.rms_eps, "q_norm")
+        q4 = g.op("Reshape", [q, g.const_i64("shape", [0, 0, shape.n_heads, hd])], "q_heads")
+        q4 = g.rms_norm(q4, w.q_norm, shape.rms_eps, "q_norm")
+        q = g.op("Reshape", [q4, g.const_i64("flat", [0, 0, -1])])
     if w.k_norm is not None:
-        k = g.rms_norm(k, w.k_norm, shape.rms_eps, "k_norm")
-    cos, sin = _rope_tables(g, "indices", shape)
-    q = _apply_rope(g, q, cos, sin, hd, "q")
-    k = _apply_rope(g, k, cos, sin, hd, "k")
-    kv_shape = g.const_i64("shape", [0, 0, shape.kv_dim])
-    g.nodes.append(helper.make_node("Reshape", [k, kv_shape], ["K_cache_out"]))
+        k4 = g.op("Reshape", [k, g.const_i64("shape", [0, 0, nkv, hd])], "k_heads")
+        k4 = g.rms_norm(k4, w.k_norm, shape.rms_eps, "k_norm")
+        k = g.op("Reshape", [k4, g.const_i64("flat", [0, 0, -1])])
+    cos_table, sin_table = _rope_cache(shape, max_positions)
+    cos, sin = g.init("rope_cos", cos_table), g.init("rope_sin", sin_table)
+    positions = g.op("Cast", ["indices"], "positions", to=TensorProto.INT64)
+    q = _rope(g, q, positions, cos, sin, shape.n_heads, "q")
+    k = _rope(g, k, positions, cos, sin, nkv, "k")
+    g.nodes.append(helper.make_node("Identity", [k], ["K_cache_out"]))
     g.nodes.append(helper.make_node("Identity", [v], ["V_cache_out"]))
 
     # History rows used: H = W - T, from the mask's shape.
@@ -212,25 +254,17 @@ def build_layer(w: LayerWeights, shape: LayerShape, index: int) -> onnx.ModelPro
     v_hist = g.op("Slice", ["V_cache", zero, hist, axis1], "v_hist")
     k_all = g.op("Concat", [k_hist, "K_cache_out"], "k_all", axis=1)  # (1, S, kv_dim)
     v_all = g.op("Concat", [v_hist, "V_cache_out"], "v_all", axis=1)
-    kv5 = g.const_i64("shape", [0, 0, nkv, 1, hd])
-    k_t = g.op("Transpose", [g.op("Reshape", [k_all, kv5])], "k_t", perm=[0, 2, 3, 4, 1])  # (1,nkv,1,hd,S)
-    v_5 = g.op("Transpose", [g.op("Reshape", [v_all, kv5])], "v_5", perm=[0, 2, 3, 1, 4])  # (1,nkv,1,S,hd)
-    q5 = g.op("Reshape", [q, g.const_i64("shape", [0, 0, nkv, group, hd])], "q5")
-    q5 = g.op("Transpose", [q5], "q_t", perm=[0, 2, 3, 1, 4])  # (1, nkv, group, T, hd)
-    q5 = g.op("Mul", [q5, g.init("scale", np.array(1.0 / np.sqrt(hd), dtype=np.float32))], "q_scaled")
-    scores = g.op("MatMul", [q5, k_t], "scores")  # (1, nkv, group, T, S)
-    mask5 = g.op("Unsqueeze", ["mask", g.const_i64("axes", [1, 2])], "mask5")
-    probs = g.op("Softmax", [g.op("Add", [scores, mask5], "masked")], "probs", axis=-1)
-    ctx = g.op("MatMul", [probs, v_5], "ctx")  # (1, nkv, group, T, hd)
-    ctx = g.op("Transpose", [ctx], "ctx_t", perm=[0, 3, 1, 2, 4])
-    ctx = g.op("Reshape", [ctx, g.const_i64("shape", [0, 0, -1])], "ctx_flat")
-    x = g.op("Add", [x, g.linear(ctx, w.o, "o_proj")], "attn_residual")
+    mask4 = g.op("Unsqueeze", ["mask", axis1], "mask4")  # (1, 1, T, S), every head alike
+    ctx = g.op("Attention", [q, k_all, v_all, mask4], "ctx", q_num_heads=shape.n_heads, kv_num_heads=nkv)
+    h, x = g.skip_rms_norm(g.linear(ctx, w.o, "o_proj"), x, w.ffn_norm, shape.rms_eps, "ffn_norm")
 
     # SwiGLU MLP.
-    h = g.rms_norm(x, w.ffn_norm, shape.rms_eps, "ffn_norm")
-    gate = g.linear(h, w.gate, "gate_proj")
+    if _same_form([w.gate, w.up]):
+        gate, up = g.linears(h, [w.gate, w.up], "gate_up_proj", [None, None])
+    else:
+        gate, up = g.linear(h, w.gate, "gate_proj"), g.linear(h, w.up, "up_proj")
     act = g.op("Mul", [gate, g.op("Sigmoid", [gate])], "silu")
-    mlp = g.linear(g.op("Mul", [act, g.linear(h, w.up, "up_proj")], "gated"), w.down, "down_proj")
+    mlp = g.linear(g.op("Mul", [act, up], "gated"), w.down, "down_proj")
     g.nodes.append(helper.make_node("Add", [x, mlp], ["output"]))
 
     f32 = TensorProto.FLOAT
