@@ -41,6 +41,7 @@ from bridge_http.body_guard import DEFAULT_MAX_BODY
 from handlers.context import ImageDefaults, Limits
 from npu.device.thermal import ThermalLimits
 from npu.engine import config as engine
+from npu.engine.kinds import kind_names
 from npu.validation import clean_message
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ _WILDCARDS = re.compile(r"[+#\x00]")
 _NOT_ONE_LEVEL = re.compile(r"[/+#\x00]")
 _ORIGIN = re.compile(r"^https?://[^/\s]+$")
 T = TypeVar("T")
+KindName = Literal[kind_names()]  # type: ignore[valid-type]  # every module of npu/engine/kinds
 
 
 def default_of(cls: type[Any], name: str) -> Any:
@@ -360,7 +362,7 @@ class ModelConfig(BaseConfig):
     id: str = Field(
         ..., pattern=r"^[a-zA-Z0-9._-]+$", max_length=64, description="The name clients ask for"
     )
-    kind: Literal["chat", "image"] = Field("chat", description="What the model does")
+    kind: KindName = Field("chat", description="What the model does: its job kind")
     path: str = Field(
         ..., min_length=1, description="Bundle folder; a relative one is relative to the config file's folder"
     )
@@ -410,7 +412,7 @@ class ApplianceConfig(BaseConfig):
     @field_validator("models")
     @classmethod
     def _one_default_per_kind(cls, value: list[ModelConfig]) -> list[ModelConfig]:
-        for kind in ("chat", "image"):
+        for kind in kind_names():
             defaults = [m.id for m in value if m.kind == kind and m.default]
             if len(defaults) > 1:
                 raise ValueError(f"only one {kind} model may be the default; marked: {', '.join(defaults)}")

@@ -1,9 +1,10 @@
 """Job kinds: what the engine does differently for a chat, an image, and whatever comes next.
 
 The engine and its workers drive every kind through ``JobKind`` and never ask which one they
-hold. A kind is one module of this package that defines ``KIND``; it is found by its module name,
-so adding one (speech, embeddings) is that module, its request and result types in
-``npu.engine.api``, and the front-door handlers that build the request.
+hold. A kind is one module of this package that defines ``KIND``, named as the module is (the
+config's ``models[].kind`` accepts every module name here), so adding one (speech, embeddings) is
+that module, its request and result types in ``npu.engine.api``, and the front-door handlers that
+build the request.
 """
 
 from __future__ import annotations
@@ -90,13 +91,20 @@ class JobKind(Protocol):
         ...
 
 
+def kind_names() -> tuple[str, ...]:
+    """Every kind's name, read from the module names (nothing is imported: the config asks early)."""
+    return tuple(sorted(module.name for module in pkgutil.iter_modules(__path__)))
+
+
 @cache
 def all_kinds() -> dict[str, JobKind]:
     """Every kind of this package, by name."""
     found: dict[str, JobKind] = {}
-    for module in pkgutil.iter_modules(__path__):
-        kind: JobKind = importlib.import_module(f"{__name__}.{module.name}").KIND
-        found[kind.name] = kind
+    for name in kind_names():
+        kind: JobKind = importlib.import_module(f"{__name__}.{name}").KIND
+        if kind.name != name:
+            raise RuntimeError(f"the job kind of {__name__}.{name} is named {kind.name!r}, not {name!r}")
+        found[name] = kind
     return found
 
 
