@@ -48,6 +48,40 @@ class StubSession:
     def run(self, output_names, feeds, shape_group: int = 0):  # type: ignore[no-untyped-def]
         return self._outputs
 
+    def binding(self):  # type: ignore[no-untyped-def]
+        return StubBinding()
+
+
+class StubBinding:
+    """An IO binding whose run does nothing (the outputs keep what they hold)."""
+
+    def value(self, array):  # type: ignore[no-untyped-def]
+        return None
+
+    def input(self, name, array, value=None) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def output(self, name, array) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def run(self) -> None:
+        pass
+
+
+class TimedBinding:
+    """Adds up the time spent in an IO binding's ``run``."""
+
+    def __init__(self, inner, clock: list[float]) -> None:  # type: ignore[no-untyped-def]
+        self._inner, self._clock = inner, clock
+        self.value, self.input, self.output = inner.value, inner.input, inner.output
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._inner.run()
+        finally:
+            self._clock[0] += time.perf_counter() - started
+
 
 class TimedSession:
     """Wraps a session and adds up the time spent inside ``run``."""
@@ -69,6 +103,29 @@ class TimedSession:
             return self._inner.run(output_names, feeds, shape_group=shape_group)
         finally:
             self._clock[0] += time.perf_counter() - started
+
+    def binding(self):  # type: ignore[no-untyped-def]
+        return TimedBinding(self._inner.binding(), self._clock)
+
+
+def forget_bindings(stack) -> None:  # type: ignore[no-untyped-def]
+    """Decode bindings are made per cache from the sessions in place; swapped sessions need new ones."""
+    bound = getattr(stack, "_bound", None)
+    if bound is not None:
+        bound.clear()
+
+
+def current_demo_bundle(models_dir: Path, bits: int | None) -> Path:
+    """The demo bundle, converted again when an older converter wrote it (its bundle format)."""
+    from appliance.demo_model import ensure_demo_model, find_demo_gguf
+    from npu.convert import bundle_is_current, convert_gguf
+
+    bundle = ensure_demo_model(models_dir, bits=bits)
+    gguf = find_demo_gguf()
+    if not bundle_is_current(bundle) and gguf is not None:
+        print(f"converting {bundle.name} again: an older bundle format", file=sys.stderr, flush=True)
+        convert_gguf(gguf, bundle, bits=bits, overwrite=True)
+    return bundle
 
 
 def prompt_of(runner: LLMRunner, tokens: int, salt: str) -> list[dict[str, str]]:
@@ -127,12 +184,14 @@ def measure(bundle: Path, prompt_tokens: int, decode_tokens: int, threads: int |
     row = np.zeros((1, 1, runner.args.kv_dim), np.float32)
     stack.layers = [StubSession(s, [row, row, hidden]) for s in layers]  # type: ignore[misc]
     stack.post = StubSession(post, [np.zeros((1, 1, runner.args.vocab_size), np.float32)])  # type: ignore[assignment]
+    forget_bindings(stack)
     stubbed = 200
     started = time.perf_counter()
     for _ in range(stubbed):
         next(steps)
     host_only_ms = (time.perf_counter() - started) / stubbed * 1e3
     stack.layers, stack.post = layers, post
+    forget_bindings(stack)
     steps.close()
     runner.pool.release(cache)
 
@@ -169,7 +228,23 @@ def main() -> int:
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sim-card", action="store_true",
                         help="bytes and calls over the simulated card's bus: PyAXEngine path, resident KV")
+    parser.add_argument("--bits", type=int, choices=(4, 32), default=None,
+                        help="only this bundle (4-bit or fp32); --against-llama-cpp defaults to 4")
+    parser.add_argument("--against-llama-cpp", action="store_true",
+                        help="the twin and llama.cpp (llama-cpp-python, installed on demand) on the same "
+                             "GGUF, prompt and threads, greedy: prefill and decode tok/s and their ratio")
+    parser.add_argument("--agreement", action="store_true",
+                        help="greedy agreement of the 4-bit bundle and llama.cpp with the fp32 bundle")
     args = parser.parse_args()
+    if args.agreement:
+        from scripts.bench.agreement import main as agreement
+
+        return agreement(args.models_dir, args.threads)
+    if args.against_llama_cpp:
+        from scripts.bench.vs_llama_cpp import main as against_llama_cpp
+
+        bits = 4 if args.bits in (None, 4) else None
+        return against_llama_cpp(args.models_dir, bits, args.prompt_tokens, args.decode_tokens, args.threads)
     if args.sim_card:
         from scripts.bench.sim_card import main as sim_card
 
@@ -178,12 +253,11 @@ def main() -> int:
         print(json.dumps(measure(args.one, args.prompt_tokens, args.decode_tokens, args.threads)))
         return 0
 
-    from appliance.demo_model import ensure_demo_model
-
-    variants = {
-        "fp32": ensure_demo_model(args.models_dir),
-        "4-bit": ensure_demo_model(args.models_dir, bits=4),
-    }
+    variants = {}
+    if args.bits in (None, 32):
+        variants["fp32"] = current_demo_bundle(args.models_dir, None)
+    if args.bits in (None, 4):
+        variants["4-bit"] = current_demo_bundle(args.models_dir, 4)
     rows = {}
     for name, bundle in variants.items():
         cmd = [
