@@ -143,10 +143,9 @@ class Appliance:
         return None
 
     def _when_loaded(self) -> None:
-        for worker in self.engine.workers:
-            while not worker.loaded.wait(0.5):
-                if self.stop_event.is_set():
-                    return
+        while not self.engine.wait_loaded(0.5):
+            if self.stop_event.is_set():
+                return
         self.dispatcher.start(first=self._from_journal())
         self.publish_retained()
         for model in self.engine.models():

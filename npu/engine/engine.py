@@ -134,9 +134,18 @@ class Engine:
             worker.start()
         self._expiry.start()
         if wait_loaded:
-            for worker in self.workers:
-                worker.loaded.wait(timeout)
+            self.wait_loaded(timeout)
         self._notify_state()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Block until every device's worker has loaded its models (or failed to); False when
+        ``timeout`` seconds passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in list(self.workers):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not worker.loaded.wait(left):
+                return False
+        return True
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the workers; jobs still waiting are answered ``unavailable``, never dropped."""
