@@ -74,7 +74,11 @@ def bundle_matches(bundle: Path, gguf_sha256: str, bits: int | None) -> bool:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return data.get("source", {}).get("sha256") == gguf_sha256 and data.get("weight_bits") == bits
+    if data.get("source", {}).get("sha256") != gguf_sha256 or data.get("weight_bits") != bits:
+        return False
+    from npu.convert import bundle_is_current  # the converter's imports are heavy: only when asked
+
+    return bundle_is_current(bundle)  # an older converter's bundle is converted again
 
 
 def ensure_demo_model(models_dir: Path, *, bits: int | None = None) -> Path:
