@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from npu.convert.layer_graphs import LayerShape, LayerWeights, Weight, build_lay
 from npu.convert.quant4 import BLOCK, from_q4_1, from_q4_1_offsets, from_q8_0, quantize, quantize_int
 from npu.convert.tokenizer_export import eos_token_ids, write_tokenizer
 from npu.llm.model_args import BUNDLE_FORMAT
+from npu.staged_folder import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -158,21 +157,8 @@ def convert_gguf(src: Path, dest: Path, *, bits: int | None = None, kv_cache_len
     gguf_src = GGUFSource(src)
     hp = gguf_src.hyperparams_cached
     meta = _tokenizer_meta(gguf_src)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only
-    try:
-        _write_bundle(gguf_src, hp, meta, tmp, bits, kv_cache_len, q4_form)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{int(time.time() * 1000)}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_folder(dest) as staging:
+        _write_bundle(gguf_src, hp, meta, staging, bits, kv_cache_len, q4_form)
     logger.info("converted %s -> %s in %.1fs", src.name, dest, time.monotonic() - started)
     return dest
 
