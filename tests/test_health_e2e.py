@@ -58,6 +58,8 @@ def test_telemetry_reaches_a_subscriber_as_json_and_bare_numbers(  # type: ignor
         assert body["temperature_c"] == 57.5 and body["cmm_free_mib"] == 6000.0 and body["state"] == "idle"
         assert body["devices"][0]["thermal"] == "normal" and body["devices"][0]["source"] == "sim"
         assert {"tokens_per_s", "requests", "errors", "uptime_s", "queue_depth"} <= body.keys()
+        # The bare numbers follow the JSON message: wait for them rather than race them.
+        c.wait(lambda: bool(c.messages[f"{base}/telemetry/temperature_c"]))
         assert c.messages[f"{base}/telemetry/temperature_c"][-1].payload == b"57.5"
     finally:
         c.close()
