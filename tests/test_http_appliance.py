@@ -130,7 +130,8 @@ def test_state_health_and_telemetry_agree_while_a_job_runs(
         retained = mqtt.json(f"{base}/state")[-1]
         health = httpx.get(url, timeout=5).json()
         telemetry = app.telemetry.run()
-        mqtt.wait(lambda: mqtt.messages[running][-1].payload == b"1", timeout=5)
+        mqtt.wait(lambda: bool(mqtt.messages[running]) and mqtt.messages[running][-1].payload == b"1",
+                  timeout=5)
         assert not mqtt.messages[f"{base}/response/chat"], "the job must still run while this is checked"
         assert (retained["state"], retained["running"], retained["queue_depth"]) == ("busy", 1, 0)
         assert (health["state"], health["running"], health["queue_depth"]) == ("busy", 1, 0)
@@ -148,7 +149,8 @@ def test_state_health_and_telemetry_agree_while_a_job_runs(
         assert (final["state"], final["running"], final["queue_depth"]) == ("idle", 0, 0)
         assert final_at >= replied_at, "idle comes only once the answer was sent"
         assert httpx.get(url, timeout=5).json()["running"] == 0
-        assert mqtt.messages[running][-1].payload == b"0"
+        # The bare figures follow the state message: wait for them rather than race them.
+        mqtt.wait(lambda: mqtt.messages[running][-1].payload == b"0", timeout=5)
     finally:
         mqtt.close()
         app.stop()
