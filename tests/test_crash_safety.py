@@ -193,14 +193,21 @@ def test_a_stop_in_the_middle_of_a_burst_keeps_the_waiting_requests_for_the_next
     print(f"stop (SIGTERM): {len(before)}/{N} answered before, {N - len(before)} after the restart")
 
 
-def test_a_broker_restart_and_a_kill_while_it_is_down_lose_nothing(rig: Rig) -> None:
-    """Replies made while the broker is away live only in the appliance's memory and its journal."""
-    broker, app, tester = rig
-    ids = [f"b-{i}" for i in range(N)]
+def burst_then_broker_down(
+    broker: MosquittoBroker, tester: Prompter, prefix: str,
+) -> tuple[list[str], set[str]]:
+    """N prompts, then the broker stops after the first answers; returns the ids and those answered."""
+    ids = [f"{prefix}-{i}" for i in range(N)]
     tester.ask(ids)
     tester.wait(lambda: tester.answered() >= 3, 60, "the first answers")
     broker.stop()
-    before = answered(tester)
+    return ids, answered(tester)
+
+
+def test_a_broker_restart_and_a_kill_while_it_is_down_lose_nothing(rig: Rig) -> None:
+    """Replies made while the broker is away live only in the appliance's memory and its journal."""
+    broker, app, tester = rig
+    ids, before = burst_then_broker_down(broker, tester, "b")
     time.sleep(1.0)  # the appliance keeps answering into paho's queue
     app.kill9()
     broker.start()
@@ -212,11 +219,7 @@ def test_a_broker_restart_and_a_kill_while_it_is_down_lose_nothing(rig: Rig) -> 
 
 def test_a_broker_restart_alone_loses_nothing(rig: Rig) -> None:
     broker, app, tester = rig
-    ids = [f"s-{i}" for i in range(N)]
-    tester.ask(ids)
-    tester.wait(lambda: tester.answered() >= 3, 60, "the first answers")
-    broker.stop()
-    before = answered(tester)
+    ids, before = burst_then_broker_down(broker, tester, "s")
     time.sleep(1.0)
     broker.start()
     resent = check_every_id_answered_once(tester, ids, before, app.log)

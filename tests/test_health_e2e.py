@@ -151,6 +151,12 @@ def test_a_hang_set_over_mqtt_is_recovered_with_events_and_health(  # type: igno
         c.close()
 
 
+def fail_the_card(c: Client, base: str) -> None:
+    """The simulated card dies for good; returns once the state says ``failed``."""
+    c.publish(f"{base}/request/sim", {"fault": "dead"})
+    c.wait(lambda: any(m.get("state") == "failed" for m in c.json(f"{base}/state")), timeout=30)
+
+
 def test_a_dead_card_ends_failed_and_every_request_gets_a_clear_error(  # type: ignore[no-untyped-def]
     sim_app, mqtt_broker, mqtt_base_topic: str,
 ) -> None:
@@ -159,8 +165,7 @@ def test_a_dead_card_ends_failed_and_every_request_gets_a_clear_error(  # type: 
     c = Client(mqtt_broker.port)
     try:
         c.subscribe(f"{base}/event", f"{base}/state", f"{base}/response/chat")
-        c.publish(f"{base}/request/sim", {"fault": "dead"})
-        c.wait(lambda: any(m.get("state") == "failed" for m in c.json(f"{base}/state")), timeout=30)
+        fail_the_card(c, base)
         c.publish(f"{base}/request/chat", {"id": "q", "prompt": "Hello?"})
         c.wait(lambda: bool(c.messages[f"{base}/response/chat"]))
         reply = c.json(f"{base}/response/chat")[0]
@@ -172,7 +177,6 @@ def test_a_dead_card_ends_failed_and_every_request_gets_a_clear_error(  # type: 
         c.close()
 
 
-
 def test_reload_on_a_failed_card_is_answered_and_leaves_no_thread(  # type: ignore[no-untyped-def]
     sim_app, mqtt_broker, mqtt_base_topic: str,
 ) -> None:
@@ -181,8 +185,7 @@ def test_reload_on_a_failed_card_is_answered_and_leaves_no_thread(  # type: igno
     c = Client(mqtt_broker.port)
     try:
         c.subscribe(f"{base}/state", f"{base}/response/reload", f"{base}/response/restart")
-        c.publish(f"{base}/request/sim", {"fault": "dead"})
-        c.wait(lambda: any(m.get("state") == "failed" for m in c.json(f"{base}/state")), timeout=30)
+        fail_the_card(c, base)
         threads = {t.ident for t in threading.enumerate()}
         for i in range(5):
             c.publish(f"{base}/request/reload", {"id": f"r{i}"})
