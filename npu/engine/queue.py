@@ -35,6 +35,11 @@ class JobQueue:
     def jobs(self) -> list[WorkerJob]:
         return [job for *_, job in self._heap]
 
+    def order(self) -> list[WorkerJob]:
+        """Every waiting job in the order workers will take them, if nothing else arrives: what
+        queue positions and waiting times are computed from."""
+        return [job for *_, job in sorted(self._heap, key=lambda item: item[:2])]
+
     def take_all(self) -> list[WorkerJob]:
         jobs = self.jobs()
         self._heap.clear()
