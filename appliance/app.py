@@ -16,6 +16,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from appliance import sd_notify
 from appliance.config import ApplianceConfig
 from appliance.device_monitor import make_device_monitor
-from appliance.ha_discovery import build_discovery, discovery_changed
+from appliance.ha_discovery import build_discovery, clear_discovery, discovery_changed
 from appliance.health import HealthChecks, TelemetryJob, make_scheduler
 from appliance.journal import Journal
 from appliance.mqtt_link import InboundMessage, MqttLink
@@ -68,9 +69,19 @@ class Appliance:
         self.inbound: queue.Queue[InboundMessage] = queue.Queue()
         ha = config.homeassistant.enabled
         self._discovery: dict[str, Any] | None = None
+        self._discovery_lock = threading.Lock()  # the connect thread and the dispatcher both send it
+        # The picture entity's content type follows the display's latest picture (its retained meta).
+        has_image_model = any(m.kind == "image" for m in config.models)
+        self._picture_display = config.images.display if has_image_model else None
+        self._picture_type = "image/jpeg" if config.images.format == "jpeg" else "image/png"
+        side: dict[str, Callable[[bytes], None]] = {}
+        if ha:
+            side[self.topics.ha_status] = self._on_ha_status
+            if self._picture_display is not None:
+                side[self.topics.display_meta(self._picture_display)] = self._on_picture_meta
         self.link = MqttLink(
             config.mqtt, self.inbound, topics=self.topics, on_connected=self.publish_retained,
-            extra_topics=(self.topics.ha_status,) if ha else (),
+            extra_topics=tuple(side),
         )
         self.journal: Journal | None = None
         if config.journal.enabled:
@@ -87,7 +98,6 @@ class Appliance:
         )
         self.scheduler = make_scheduler(self.health, self.telemetry, config.device.health_interval,
                                         config.telemetry.interval)
-        side = {self.topics.ha_status: self._on_ha_status} if ha else {}
         self.dispatcher = Dispatcher(self.inbound, context, side_topics=side)
         self.http: HttpServer | None = None
         if config.http.enabled:
@@ -215,23 +225,39 @@ class Appliance:
         self.publish_discovery()
 
     def publish_discovery(self, force: bool = False) -> None:
-        """Home Assistant's device config, retained; sent again only when it changed or HA restarted."""
-        if not self.config.homeassistant.enabled:
-            return
-        images = self.config.images
-        has_image_model = any(m.kind == "image" for m in self.config.models)
-        topic, payload = build_discovery(self.topics, version=app_version(),
-                                         model_ids=[m.id for m in self.config.models],
-                                         name=self.config.homeassistant.name,
-                                         display=images.display if has_image_model else None,
-                                         image_type="image/jpeg" if images.format == "jpeg" else "image/png")
-        if force or discovery_changed(self._discovery, payload):
-            self.link.publish(topic, json.dumps(payload), qos=1, retain=True)
-            self._discovery = payload
+        """Home Assistant's device config, retained; sent again only when it changed or HA restarted.
+
+        With discovery turned off, an empty retained config, once per start: HA removes the device.
+        """
+        with self._discovery_lock:
+            if not self.config.homeassistant.enabled:
+                if self._discovery is None:
+                    topic, empty = clear_discovery(self.topics)
+                    self.link.publish(topic, empty, qos=1, retain=True)
+                    self._discovery = {}
+                return
+            topic, payload = build_discovery(self.topics, version=app_version(),
+                                             model_ids=[m.id for m in self.config.models],
+                                             name=self.config.homeassistant.name,
+                                             display=self._picture_display, image_type=self._picture_type)
+            if force or discovery_changed(self._discovery, payload):
+                self.link.publish(topic, json.dumps(payload), qos=1, retain=True)
+                self._discovery = payload
 
     def _on_ha_status(self, payload: bytes) -> None:
-        if payload.strip() == b"online":  # HA (re)started: it asks every device to announce itself
+        """HA's birth message: it (re)started and asks every device to announce itself."""
+        if payload.strip() == self.config.homeassistant.birth_payload.encode().strip():
             self.publish_discovery(force=True)
+
+    def _on_picture_meta(self, payload: bytes) -> None:
+        """A new picture on the default display: the picture entity takes its content type."""
+        try:
+            content_type = json.loads(payload).get("content_type")
+        except (ValueError, AttributeError):
+            return
+        if content_type in ("image/png", "image/jpeg") and content_type != self._picture_type:
+            self._picture_type = content_type
+            self.publish_discovery()
 
     def publish_state(self, state: EngineState) -> None:
         """The engine's state listener: ``{base}/state`` and the bare queue figures of the same snapshot."""

@@ -353,6 +353,10 @@ class JournalConfig(BaseConfig):
 class HomeAssistantConfig(BaseConfig):
     enabled: bool = Field(True, description="Publish Home Assistant MQTT discovery (retained)")
     name: str | None = Field(None, min_length=1, max_length=64, description="Device name shown in HA")
+    birth_payload: str = Field(
+        "online", min_length=1, max_length=256,
+        description="HA's birth message on homeassistant/status (its MQTT option): send discovery again",
+    )
 
 
 # --- models -------------------------------------------------------------------------------------

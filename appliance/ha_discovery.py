@@ -4,6 +4,19 @@ Published on ``homeassistant/device/<node_id>/config`` (HA 2024.11+ device-based
 sensors from the bare telemetry topics, the engine state, a connectivity binary sensor on the
 status topic, a restart button, a pause switch and a text box that sends a prompt. The payload
 is a pydantic model mirroring HA's schema, so a typo in a key fails here, not silently in HA.
+
+What HA does with it (``homeassistant/components/mqtt/discovery.py`` and ``schemas.py``), and so
+what this module does:
+
+- HA copies only availability, ``state_topic`` and ``command_topic`` from the device level into
+  the components, never ``qos``: every component carries ``qos: 1`` itself.
+- HA acts only on the components present in a message; one that is left out stays as it was.
+  A component present with nothing but its ``platform`` is removed. So every component that
+  only some installations have is listed in ``OPTIONAL_COMPONENTS`` and, when absent, still
+  sent as a platform-only entry; the whole device goes with an empty retained payload
+  (``clear_discovery``), sent when discovery is turned off.
+- The connectivity sensor has ``availability: []``: with the device's availability it would
+  turn *unavailable* instead of *off* when the appliance goes offline.
 """
 
 from __future__ import annotations
@@ -50,6 +63,8 @@ class Component(_HaModel):
     platform: str
     unique_id: str
     name: str
+    qos: int = 1
+    availability: list[Availability] | None = None  # None: the device's
     state_topic: str | None = None
     command_topic: str | None = None
     value_template: str | None = None
@@ -71,12 +86,26 @@ class Component(_HaModel):
     content_type: str | None = None
 
 
+class Removed(_HaModel):
+    """A component with nothing but its platform: HA removes the entity it made from it."""
+
+    platform: str
+
+
 class DiscoveryPayload(_HaModel):
     device: DeviceInfo
     origin: Origin
     availability: list[Availability]
-    components: dict[str, Component]
-    qos: int = 1
+    components: dict[str, Component | Removed]
+
+
+# Components that only some installations have: object id -> platform. Absent ones are sent as
+# platform-only entries so HA removes what an earlier message made. A new optional component is
+# added here and in build_discovery.
+OPTIONAL_COMPONENTS: dict[str, str] = {
+    "picture": "image",  # with an image model
+    "picture_prompt": "text",  # with an image model
+}
 
 
 def node_id_for(base_topic: str) -> str:
@@ -105,9 +134,12 @@ def build_discovery(
     entity, and a text box that asks for a new one.
     """
     node = node_id_for(topics.base)
-    components: dict[str, Component] = {}
+    components: dict[str, Component | Removed] = {}
 
     def add(object_id: str, **fields: Any) -> None:
+        platform = OPTIONAL_COMPONENTS.get(object_id)
+        if platform is not None and platform != fields["platform"]:
+            raise ValueError(f"{object_id} is listed as {platform} in OPTIONAL_COMPONENTS")
         components[object_id] = Component(unique_id=f"{node}_{object_id}", **fields)
 
     for object_id, label, unit, device_class, state_class, icon, precision in _SENSORS:
@@ -118,7 +150,7 @@ def build_discovery(
         value_template="{{ value_json.state }}", icon="mdi:state-machine")
     add("status", platform="binary_sensor", name="Status", state_topic=topics.status,
         device_class="connectivity", value_template=AVAILABLE, payload_on="online", payload_off="offline",
-        entity_category="diagnostic")
+        entity_category="diagnostic", availability=[])
     add("restart", platform="button", name="Restart", command_topic=topics.request("restart"),
         payload_press="{}", device_class="restart")
     add("paused", platform="switch", name="Paused", command_topic=topics.request("pause"),
@@ -131,6 +163,8 @@ def build_discovery(
             content_type=image_type)
         add("picture_prompt", platform="text", name="Picture prompt", command_topic=topics.request("image"),
             min=1, max=255, mode="text", icon="mdi:image-edit")
+    for object_id, platform in OPTIONAL_COMPONENTS.items():
+        components.setdefault(object_id, Removed(platform=platform))
     payload = DiscoveryPayload(
         device=DeviceInfo(identifiers=[node], name=name or topics.base, sw_version=version,
                           model=f"Generative-AI appliance ({', '.join(model_ids) or 'no models'})"),
@@ -139,6 +173,11 @@ def build_discovery(
         components=components,
     )
     return Topics.ha_discovery(node), payload.model_dump(exclude_none=True)
+
+
+def clear_discovery(topics: Topics) -> tuple[str, str]:
+    """The config topic and the empty retained payload that removes the device from HA."""
+    return Topics.ha_discovery(node_id_for(topics.base)), ""
 
 
 def discovery_changed(previous: dict[str, Any] | None, current: dict[str, Any]) -> bool:
