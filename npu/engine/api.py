@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from npu.device.base import DeviceReading
 from npu.diffusion.params import ImageOutput, ImageParams
 from npu.llm.params import FinishReason, GenerationParams, Usage
+from npu.speech.params import Clip, Piece, Segment, SpeechParams
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -66,6 +67,7 @@ class EngineError(Exception):
 class Priority(enum.IntEnum):
     """Lower runs first. Interactive chat outranks background work such as images."""
 
+    AUDIO = -1  # speech in and out: a short utterance never waits behind a long answer
     HIGH = 0
     NORMAL = 1
     LOW = 2
@@ -103,7 +105,32 @@ class ImageRequest:
     request_id: str | None = None
 
 
-Request = ChatRequest | ImageRequest
+@dataclass(frozen=True)
+class SpeechRequest:
+    """Text to speech: the answer is 16-bit mono PCM, streamed a sentence at a time."""
+
+    params: SpeechParams
+    model: str | None = None  # a tts model (a voice); None: the default one
+    priority: Priority = Priority.AUDIO
+    deadline: float | None = None
+    request_id: str | None = None
+    sender: str | None = None
+
+
+@dataclass(frozen=True)
+class TranscriptionRequest:
+    """Speech to text: mono audio (any rate; the kind resamples it for its model)."""
+
+    audio: Clip
+    language: str | None = None  # ISO-639-1; None: the model's own (English for tiny.en)
+    model: str | None = None  # an stt model; None: the default one
+    priority: Priority = Priority.AUDIO
+    deadline: float | None = None
+    request_id: str | None = None
+    sender: str | None = None
+
+
+Request = ChatRequest | ImageRequest | SpeechRequest | TranscriptionRequest
 
 
 @dataclass(frozen=True)
@@ -152,8 +179,48 @@ class ChatResult:
 
 
 @dataclass(frozen=True)
+class SpeechAudio:
+    """One sentence of a speech job's audio, in order (``index`` from 0)."""
+
+    piece: Piece
+    index: int
+
+
+@dataclass(frozen=True)
+class SpeechResult:
+    """The whole utterance: ``pcm`` is every ``SpeechAudio`` piece joined."""
+
+    pcm: bytes
+    rate: int
+    model: str
+    audio_seconds: float
+    synth_ms: float
+    total_ms: float
+    queued_ms: float
+
+
+@dataclass(frozen=True)
+class TranscriptSegment:
+    """A segment of a transcription, as soon as it is decoded."""
+
+    segment: Segment
+
+
+@dataclass(frozen=True)
+class TranscriptionResult:
+    text: str
+    segments: list[Segment]
+    language: str
+    audio_seconds: float
+    model: str
+    transcribe_ms: float
+    total_ms: float
+    queued_ms: float
+
+
+@dataclass(frozen=True)
 class Done:
-    result: ChatResult | ImageResult
+    result: ChatResult | ImageResult | SpeechResult | TranscriptionResult
 
 
 @dataclass(frozen=True)
@@ -161,7 +228,7 @@ class Failed:
     error: EngineError
 
 
-JobEvent = Progress | Delta | ImageProgress | Done | Failed
+JobEvent = Progress | Delta | ImageProgress | SpeechAudio | TranscriptSegment | Done | Failed
 Sink = Callable[[JobEvent], None]
 JobStatus = Literal["queued", "running", "done", "failed"]
 
@@ -214,13 +281,14 @@ class JobHandle:
 @dataclass(frozen=True)
 class ModelInfo:
     id: str
-    kind: str  # the job kind that runs it: chat, image (``npu.engine.kinds``)
+    kind: str  # the job kind that runs it: chat, image, tts, stt (``npu.engine.kinds``)
     loaded: bool
     backend: str | None
     context_length: int | None
     max_prompt_tokens: int | None
     sizes: list[str] | None = None  # image models: "WxH" they make
     steps: list[int] | None = None  # image models: step counts they run
+    sample_rate: int | None = None  # tts models: the rate of their audio; stt: the rate they read
 
 
 @dataclass(frozen=True)

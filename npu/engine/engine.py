@@ -27,6 +27,7 @@ from npu.engine.api import (
     Failed,
     JobHandle,
     ModelInfo,
+    Priority,
     Request,
     Sink,
     StateListener,
@@ -396,9 +397,15 @@ class Engine:
 
     def _ready_locked(self, worker: DeviceWorker) -> bool:
         return (
-            bool(self._queue) and self._paused_reason is None and not self._stopping and worker.accepting
+            bool(self._queue) and self._paused_reason is None and not self._stopping
+            and (worker.accepting or (worker.accepting_audio and self._audio_next_locked()))
             and worker.device_id not in self._recovering
         )
+
+    def _audio_next_locked(self) -> bool:
+        """The job a worker would take next is speech (it may use the worker's audio slot)."""
+        jobs = self._queue.jobs()
+        return bool(jobs) and jobs[0].handle.request.priority == Priority.AUDIO
 
     # health: thermal level, watchdog, recovery -------------------------------------------------
     @property

@@ -19,6 +19,7 @@ PREFIX = "appliance"
 # Seconds; fine at the low end where the NPU lives, up to the request timeout at the top.
 TTFT_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
 E2E_BUCKETS = (0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 240.0)
 
 
@@ -67,6 +68,14 @@ class EngineMetrics:
         self.rejected = Counter(
             f"{PREFIX}_request_rejected", "Jobs refused at submission, by error code (busy: queue full)",
             ("code",), registry=r,
+        )
+        self.audio_seconds = Counter(
+            f"{PREFIX}_audio_seconds", "Seconds of speech synthesised (tts) or transcribed (stt)",
+            model, registry=r,
+        )
+        self.realtime_factor = Histogram(
+            f"{PREFIX}_audio_realtime_factor", "Compute time over audio duration of a speech job",
+            model, buckets=RTF_BUCKETS, registry=r,
         )
         Gauge(f"{PREFIX}_num_requests_waiting", "Jobs waiting in the queue", registry=r).set_function(
             queue_depth

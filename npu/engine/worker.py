@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 from npu.device.base import DeviceFault, DeviceMonitor
 from npu.device.cmm_plan import bundle_mib
 from npu.device.thermal import ThermalLevel
-from npu.engine.api import Done, EngineError, ErrorCode, Failed, JobEvent, JobHandle
+from npu.engine.api import Done, EngineError, ErrorCode, Failed, JobEvent, JobHandle, Priority
 from npu.engine.config import EngineConfig, ModelSpec
 from npu.engine.job import WorkerJob, expiry_error
 from npu.engine.kinds import Runner, StepOutcome, all_kinds
@@ -91,7 +91,17 @@ class DeviceWorker(threading.Thread):
     # status, read from other threads ---------------------------------------------------------
     @property
     def accepting(self) -> bool:
-        limit = 1 if self.thermal >= ThermalLevel.THROTTLE else self.max_active
+        return self._has_room(0)
+
+    @property
+    def accepting_audio(self) -> bool:
+        """Room for one speech job (``Priority.AUDIO``) past ``max_active``, so an utterance starts
+        between the steps of the answers already running instead of waiting for one to end."""
+        audio = sum(1 for job in self._active if job.handle.request.priority == Priority.AUDIO)
+        return audio == 0 and self._has_room(1)
+
+    def _has_room(self, extra: int) -> bool:
+        limit = (1 if self.thermal >= ThermalLevel.THROTTLE else self.max_active) + extra
         return (
             self.state == "ready" and not self.abandoned and self._reload is None
             and self.thermal < ThermalLevel.PAUSE and len(self._active) < limit
@@ -126,7 +136,7 @@ class DeviceWorker(threading.Thread):
         while not engine.stopping and not self.abandoned:
             if self._reload is not None and not self._active:
                 self._do_reload()
-            while self.accepting:
+            while self.accepting or self.accepting_audio:
                 job = engine.next_job(self, block=not self._active)
                 if job is None:
                     break

@@ -38,6 +38,7 @@ class ModelFacts:
     max_prompt_tokens: int | None = None
     sizes: list[str] | None = None
     steps: list[int] | None = None
+    sample_rate: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,30 @@
+"""Which speech-to-text backend an stt model's folder holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from npu.speech.whisper_model import WhisperRunner, is_ctranslate2_whisper
+
+OPENAI_STT_MODELS = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+
+
+def load_transcriber(folder: Path, runtime: str = "auto", device_id: int = 0) -> Any:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"speech-to-text folder {folder} does not exist "
+                                "('appliance models demo' installs Whisper tiny.en)")
+    if is_ctranslate2_whisper(folder):
+        return WhisperRunner.load(folder)
+    raise FileNotFoundError(f"{folder} holds no speech-to-text model this appliance runs "
+                            "(Whisper in CTranslate2 form: model.bin, config.json)")
+
+
+def resolve_stt_model(model: str | None, installed: list[str]) -> str | None:
+    """OpenAI's model names (``whisper-1``...) mean the default stt model; others must be installed."""
+    if model is None or model in OPENAI_STT_MODELS:
+        return None
+    if model in installed:
+        return model
+    raise ValueError(f"unknown model {model!r}; installed: {', '.join(installed) or 'none'} "
+                     f"({', '.join(OPENAI_STT_MODELS)} mean the default)")
