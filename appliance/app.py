@@ -105,7 +105,8 @@ class Appliance:
                                       max_body=config.http.max_body,
                                       cors_origins=tuple(config.http.cors_origins),
                                       image_url_ttl=config.images.url_ttl,
-                                      raw_prompt_special_tokens=config.http.raw_prompt_special_tokens)
+                                      raw_prompt_special_tokens=config.http.raw_prompt_special_tokens,
+                                      sender=config.http.sender)
             self.http = HttpServer(create_app(self.engine, settings), config.http.host, config.http.port)
 
     def start(self) -> None:

@@ -41,6 +41,7 @@ from bridge_http.body_guard import DEFAULT_MAX_BODY
 from handlers.context import ImageDefaults, Limits
 from npu.device.thermal import ThermalLimits
 from npu.engine import config as engine
+from npu.engine.api import Priority
 from npu.engine.kinds import kind_names
 from npu.validation import clean_message
 
@@ -221,6 +222,11 @@ class HttpConfig(BaseConfig):
         description="Parse special-token texts (<|im_start|>...) in /v1/completions prompts as the "
         "tokens; only for trusted clients that write the chat format themselves",
     )
+    sender: Literal["address", "api_key"] = Field(
+        "address",
+        description="Who an HTTP request counts as in the queue's turns and limits: its client's "
+        "address (http:<address>), or its bearer token (http:key-<digest of the token>)",
+    )
 
 
 class ThermalConfig(BaseConfig):
@@ -312,6 +318,36 @@ class EngineConfig(BaseConfig):
         default_of(engine.EngineConfig, "max_active"), ge=1, le=16,
         description="Jobs stepped side by side per device (one KV cache each)",
     )
+    sender_limits: SenderConfig = Field(
+        default_factory=lambda: SenderConfig(),
+        description="Limits of every sender no rule of engine.senders names",
+    )
+    senders: dict[Annotated[str, Field(min_length=1, max_length=200)], SenderConfig] = Field(
+        default_factory=dict,
+        description="Limits and priority class by sender: a named MQTT sender (its ACL user), mqtt "
+        "(every public request), http:<address> or http:key-<digest>; globs such as sensor-* match "
+        "several; the first match wins",
+    )
+
+
+PriorityName = Literal[tuple(p.name.lower() for p in Priority)]  # type: ignore[valid-type]
+
+
+class SenderConfig(BaseConfig):
+    """The limits of one sender (``engine.senders``) or of every other one (``engine.sender_limits``),
+    mapped onto ``npu.engine.config.SenderLimits``."""
+
+    max_queued: int | None = Field(None, ge=1, le=10000,
+                                   description="Requests it may have waiting (None: only engine.queue_max)")
+    per_minute: int | None = Field(None, ge=1, le=100000,
+                                   description="Requests it may send in any minute (None: no limit)")
+    priority: PriorityName | None = Field(
+        None, description="The priority class its requests run in, served before lower ones "
+        "(None: the request's own: chat normal, images low)")
+
+    def settings(self) -> engine.SenderLimits:
+        rank = None if self.priority is None else int(Priority[self.priority.upper()])
+        return engine.SenderLimits(max_queued=self.max_queued, per_minute=self.per_minute, priority=rank)
 
 
 class TelemetryConfig(BaseConfig):
@@ -439,7 +475,9 @@ class ApplianceConfig(BaseConfig):
 
     # --- onto the dataclasses the parts read ------------------------------------------------------
     def engine_settings(self) -> engine.EngineConfig:
-        return onto(engine.EngineConfig, self.engine, self.device.thermal)
+        return onto(engine.EngineConfig, self.engine, self.device.thermal,
+                    sender_limits=self.engine.sender_limits.settings(),
+                    senders={name: rule.settings() for name, rule in self.engine.senders.items()})
 
     def recovery_settings(self) -> engine.RecoveryConfig:
         return onto(engine.RecoveryConfig, self.device.recovery)

@@ -75,6 +75,7 @@ def build_telemetry(
         "errors": engine.jobs_failed,
         **summarise(readings),
         "devices": [{**r.as_dict(), "thermal": thermal.get(r.device_id, "normal")} for r in readings],
+        "senders": engine.senders(),
     }
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
+from typing import Literal
+
+from starlette.requests import Request
 
 from bridge_http.body_guard import DEFAULT_MAX_BODY
 from bridge_http.image_store import ImageStore
@@ -20,6 +24,7 @@ class BridgeSettings:
     progress_ping_interval: float = 1.0  # at most one ping this often while a prompt is prefilled
     image_url_ttl: float = 3600.0  # seconds an image URL (response_format url) stays valid
     raw_prompt_special_tokens: bool = False  # /v1/completions prompts may hold special tokens
+    sender: Literal["address", "api_key"] = "address"  # who a request counts as in the queue's turns
 
 
 @dataclass
@@ -35,6 +40,15 @@ class Bridge:
     def model_id(self, requested: str | None) -> str:
         """The model a request will run on; an unknown name is kept for the engine to refuse."""
         return requested or self.engine.default_chat or ""
+
+    def sender_of(self, request: Request) -> str:
+        """The queue's name for this client: ``http:<address>``, or ``http:key-<digest>`` of its
+        bearer token (never the token itself, which would show on /metrics)."""
+        if self.settings.sender == "api_key":
+            token = request.headers.get("authorization", "").partition(" ")[2].strip()
+            if token:
+                return "http:key-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+        return f"http:{request.client.host if request.client else 'unknown'}"
 
     def context_length(self, model_id: str) -> int | None:
         for info in self.engine.models():

@@ -26,7 +26,8 @@ async def handle_chat_completions(body: ChatCompletionRequest, request: Request)
     bridge: Bridge = request.app.state.bridge
     cid, created = shapes.new_id("chatcmpl"), shapes.now()
     model = bridge.model_id(body.model)
-    jobs = chat_requests(body, cid, bridge.settings.max_n, bridge.context_length(model))
+    jobs = chat_requests(body, cid, bridge.settings.max_n, bridge.context_length(model),
+                         sender=bridge.sender_of(request))
     group = JobGroup(bridge.engine)
     await group.submit(jobs)
     if body.stream:
@@ -47,7 +48,8 @@ async def handle_completions(body: CompletionRequest, request: Request) -> Respo
     for prompt in body.prompts():
         check_prompt_chars([prompt], bridge.context_length(model), "prompt")
     settings = bridge.settings
-    jobs = completion_requests(body, cid, settings.max_n, settings.raw_prompt_special_tokens)
+    jobs = completion_requests(body, cid, settings.max_n, settings.raw_prompt_special_tokens,
+                               sender=bridge.sender_of(request))
     prompts = body.prompts()
     echoes = [p if body.echo else "" for p in prompts for _ in range(body.n)]
     group = JobGroup(bridge.engine)

@@ -8,6 +8,7 @@ cannot make are refused before anything runs, with the ones it can.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import secrets
 from typing import Any
@@ -32,6 +33,8 @@ SEED_SPACE = 2**32
 
 
 async def run_images(bridge: Bridge, request: Request, jobs: list[ImageRequest]) -> list[ImageResult]:
+    sender = bridge.sender_of(request)
+    jobs = [dataclasses.replace(job, sender=sender) for job in jobs]
     group = JobGroup(bridge.engine)
     await group.submit(jobs)
     return await collect(group, request, len(jobs))

@@ -55,7 +55,8 @@ def check_n(body: SamplingFields, max_n: int, prompts: int = 1) -> None:
 
 
 def chat_requests(
-    body: ChatCompletionRequest, request_id: str, max_n: int, context_length: int | None
+    body: ChatCompletionRequest, request_id: str, max_n: int, context_length: int | None,
+    sender: str | None = None,
 ) -> list[ChatRequest]:
     """Without a limit, a chat answer may run to the end of the context (OpenAI's behaviour)."""
     check_n(body, max_n)
@@ -69,13 +70,15 @@ def chat_requests(
             params=generation_params(body, limit, i),
             enable_thinking=body.enable_thinking,
             request_id=request_id,
+            sender=sender,
         )
         for i in range(body.n)
     ]
 
 
 def completion_requests(
-    body: CompletionRequest, request_id: str, max_n: int, parse_special_tokens: bool = False
+    body: CompletionRequest, request_id: str, max_n: int, parse_special_tokens: bool = False,
+    sender: str | None = None,
 ) -> list[ChatRequest]:
     """Choices are ordered prompt by prompt, ``n`` for each (index = prompt * n + choice).
 
@@ -86,7 +89,7 @@ def completion_requests(
     limit = body.token_limit or LEGACY_MAX_TOKENS
     return [
         ChatRequest(model=body.model, prompt=prompt, params=generation_params(body, limit, i),
-                    request_id=request_id, parse_special_tokens=parse_special_tokens)
+                    request_id=request_id, parse_special_tokens=parse_special_tokens, sender=sender)
         for prompt in prompts
         for i in range(body.n)
     ]

@@ -23,7 +23,14 @@ import logging
 import time
 from typing import Any
 
-from handlers.context import PENDING, HandlerContext, HandlerError, RequestMeta, engine_request_id
+from handlers.context import (
+    PENDING,
+    HandlerContext,
+    HandlerError,
+    RequestMeta,
+    engine_request_id,
+    queue_sender,
+)
 from handlers.payloads import ChatPayload, ImagePayload
 from handlers.reply import JobSink, Reply
 from npu.engine.api import ChatRequest, ChatResult, Delta, Done, EngineError, Failed, JobEvent
@@ -166,6 +173,7 @@ def handle_chat(req: ChatPayload, ctx: HandlerContext, reply: Reply, meta: Reque
             params=params,
             deadline=deadline,
             request_id=engine_request_id(request_id, meta.sender),
+            sender=queue_sender(meta.sender),
         )
     except ValueError as exc:
         raise HandlerError("bad_request", str(exc)) from exc

@@ -125,6 +125,16 @@ def engine_request_id(request_id: str | int, sender: str | None) -> str:
     return str(request_id) if sender is None else f"{sender}/{request_id}"
 
 
+PUBLIC_SENDER = "mqtt"  # the queue's name for every public request: they share one turn
+
+
+def queue_sender(sender: str | None) -> str:
+    """Who a request counts as in the queue's turns and limits: a named sender (the MQTT user the
+    broker's ACL pins to its topics) by its name; every public request as ``mqtt``, since MQTT
+    does not tell a subscriber who published."""
+    return sender if sender is not None else PUBLIC_SENDER
+
+
 class _Pending:
     """Returned by a handler that will complete its ``Reply`` later (from another thread)."""
 

@@ -15,7 +15,14 @@ import time
 from typing import Any
 
 from handlers.chat import check_chat_id, deadline_for, reply_engine_error
-from handlers.context import PENDING, HandlerContext, HandlerError, RequestMeta, engine_request_id
+from handlers.context import (
+    PENDING,
+    HandlerContext,
+    HandlerError,
+    RequestMeta,
+    engine_request_id,
+    queue_sender,
+)
 from handlers.payloads import ImagePayload
 from handlers.reply import JobSink, Reply
 from npu.diffusion.params import ImageParams
@@ -88,7 +95,8 @@ def handle_image(req: ImagePayload, ctx: HandlerContext, reply: Reply, meta: Req
         quality=req.quality or defaults.quality, max_bytes=defaults.max_bytes,
     )
     request = ImageRequest(params, model=req.model, deadline=deadline,
-                           request_id=engine_request_id(request_id, meta.sender))
+                           request_id=engine_request_id(request_id, meta.sender),
+                           sender=queue_sender(meta.sender))
     sink = ImageSink(req, ctx, reply, request_id, display)
     try:
         ctx.engine.submit(request, sink)

@@ -34,6 +34,7 @@ class ErrorCode(enum.StrEnum):
     BAD_REQUEST = "bad_request"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     BUSY = "busy"
+    RATE_LIMITED = "rate_limited"  # one sender over its own limits; others are not affected
     MODEL_NOT_FOUND = "model_not_found"
     TIMEOUT = "timeout"
     EXPIRED = "expired"
@@ -65,7 +66,11 @@ class EngineError(Exception):
 
 
 class Priority(enum.IntEnum):
-    """Lower runs first. Interactive chat outranks background work such as images."""
+    """Lower runs first. Interactive chat outranks background work such as images.
+
+    The queue orders by the number alone, so a new class is a new member with its own number;
+    ``engine.senders`` rules may put a sender's requests in any class by name.
+    """
 
     AUDIO = -1  # speech in and out: a short utterance never waits behind a long answer
     HIGH = 0
@@ -85,6 +90,7 @@ class ChatRequest:
     deadline: float | None = None  # time.monotonic() after which a job still waiting is expired
     enable_thinking: bool = False
     request_id: str | None = None  # the caller's id, for logs
+    sender: str | None = None  # who asked (a named MQTT sender, an HTTP client): its turn in the queue
     # A raw prompt's special-token texts become the tokens: only for trusted clients that write
     # the chat format themselves. Messages never parse them (the template's markers are the tokens).
     parse_special_tokens: bool = False
@@ -103,6 +109,7 @@ class ImageRequest:
     priority: Priority = Priority.LOW
     deadline: float | None = None
     request_id: str | None = None
+    sender: str | None = None  # who asked: its turn in the queue and its limits
 
 
 @dataclass(frozen=True)
@@ -340,5 +347,6 @@ class EngineClient(Protocol):
     def models(self) -> list[ModelInfo]: ...
     def state(self) -> EngineState: ...
     def devices(self) -> list[DeviceSnapshot]: ...
+    def senders(self) -> dict[str, dict[str, Any]]: ...
     def add_state_listener(self, listener: StateListener) -> None: ...
     def add_event_listener(self, listener: EventListener) -> None: ...

@@ -6,8 +6,18 @@ else reads them from here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SenderLimits:
+    """What one sender may do: waiting jobs, requests per minute, the priority class it runs in."""
+
+    max_queued: int | None = None  # None: only the queue's own bound
+    per_minute: int | None = None  # None: no rate limit
+    priority: int | None = None  # None: the request's own (chat normal, images low)
 
 
 @dataclass(frozen=True)
@@ -17,6 +27,8 @@ class EngineConfig:
     step_timeout: float = 30.0
     max_active: int = 2
     throttle_delay: float = 0.25  # seconds of cool-down between rounds of steps when throttled
+    sender_limits: SenderLimits = SenderLimits()  # every sender no rule of ``senders`` names
+    senders: Mapping[str, SenderLimits] = field(default_factory=dict)  # name or glob -> its limits
 
 
 @dataclass(frozen=True)

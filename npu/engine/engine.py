@@ -37,8 +37,9 @@ from npu.engine.events import Listeners
 from npu.engine.job import WorkerJob
 from npu.engine.kinds import ModelFacts, Runner, all_kinds, kind_for_request
 from npu.engine.metrics import EngineMetrics
-from npu.engine.queue import JobQueue
+from npu.engine.queue import ANONYMOUS, JobQueue
 from npu.engine.recovery import Recovery
+from npu.engine.senders import SenderCounts, SenderGate
 from npu.engine.worker import DeviceWorker, RunnerLoader
 
 if TYPE_CHECKING:
@@ -101,6 +102,8 @@ class Engine:
         self.jobs_done = 0
         self.jobs_failed = 0
         self.metrics = EngineMetrics(lambda: len(self._queue), lambda: self._taken)
+        self._senders = SenderGate(self.config.sender_limits, self.config.senders, self.metrics.registry,
+                                   self._waiting_by_sender)
         self.workers = [self._new_worker(device_id) for device_id in device_ids]
         # PNG/JPEG encoding is host work: done here, the device runs the next step meanwhile. A job
         # being encoded was taken and has not ended, so the state still counts it as running.
@@ -176,6 +179,8 @@ class Engine:
             return self._admit(request, sink)
         except EngineError as exc:
             self.metrics.rejected.labels(exc.code.value).inc()
+            with self._lock:
+                self._senders.rejected(request.sender or ANONYMOUS, exc.code.value)
             raise
 
     def _admit(self, request: Request, sink: Sink) -> JobHandle:
@@ -187,6 +192,9 @@ class Engine:
         if spec is None or spec.kind != kind.name:
             available = [m for m, s in self.specs.items() if s.kind == kind.name]
             raise kind.model_not_found(request.model, available)
+        priority = self._senders.limits_of(request.sender or ANONYMOUS).priority
+        if priority is not None:
+            request = dataclasses.replace(request, priority=Priority(priority))
         request, state = kind.admit(request, self._any_runner(spec.id))
         job = WorkerJob(handle=JobHandle(request, sink), model_id=spec.id, kind=kind, state=state)
         return self._enqueue(job)
@@ -203,6 +211,9 @@ class Engine:
                     f"the queue is full ({self.config.queue_max} waiting); retry later",
                     retry_after=self._retry_after_locked(),
                 )
+            sender = handle.request.sender or ANONYMOUS
+            self._senders.check(sender, self._queue.waiting_of(sender))
+            self._senders.accepted(sender)
             self._queue.push(job)
             self._work.notify_all()
         self._notify_state()
@@ -309,6 +320,20 @@ class Engine:
             infos.append(ModelInfo(id=spec.id, kind=spec.kind, loaded=runner is not None,
                                    backend=runner.backend if runner else None, **dataclasses.asdict(facts)))
         return infos
+
+    def senders(self) -> dict[str, dict[str, Any]]:
+        """Each sender seen: jobs waiting now, requests accepted, refusals by code (for telemetry)."""
+        with self._lock:
+            waiting = self._queue.waiting_by_sender()
+            counts: dict[str, SenderCounts] = dict(self._senders.counts)
+            return {name: {"waiting": waiting.get(name, 0), "requests": c.requests,
+                           "rate_limited": c.rejected.get(ErrorCode.RATE_LIMITED.value, 0),
+                           "rejected": dict(c.rejected)}
+                    for name, c in sorted(counts.items())}
+
+    def _waiting_by_sender(self) -> dict[str, int]:
+        with self._lock:
+            return self._queue.waiting_by_sender()
 
     def state(self) -> EngineState:
         """The one snapshot of the engine that ``{base}/state``, ``/health``, telemetry and Home
