@@ -22,6 +22,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from appliance.app import Appliance
 from appliance.config import load_config
+from appliance.ha_discovery import build_discovery
+from appliance.topics import Topics
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_AUTHORIZED = 135  # MQTT 5 reason code 0x87
@@ -141,9 +143,12 @@ ALLOWED: dict[str, tuple[list[str], list[str]]] = {
     "dashboard": (["appliance/request/chat"],
                   ["appliance/telemetry", "appliance/telemetry/queue_depth", "appliance/status",
                    "appliance/state", "appliance/event", "appliance/display/main"]),
-    "homeassistant": (["homeassistant/status", "appliance/request/restart", "appliance/request/pause"],
+    # every topic its discovered entities use: states, controls, the picture and its prompt box
+    "homeassistant": (["homeassistant/status", "appliance/request/restart", "appliance/request/pause",
+                       "appliance/request/chat", "appliance/request/image"],
                       ["homeassistant/device/x/config", "appliance/telemetry/queue_depth",
-                       "appliance/state"]),
+                       "appliance/state", "appliance/status", "appliance/display/main",
+                       "appliance/display/main/meta", "appliance/response/chat"]),
     "appliance": (["appliance/status", "appliance/display/main", "homeassistant/device/x/config",
                    "replies/a"],
                   ["appliance/request/chat", "homeassistant/status"]),
@@ -166,7 +171,9 @@ DENIED: dict[str, tuple[list[str], list[str]]] = {
                 ["appliance/request/chat", "appliance/telemetry/queue_depth", "appliance/response/chat"]),
     "dashboard": (["appliance/status", "appliance/request/restart", "appliance/display/main"],
                   ["appliance/request/chat", "homeassistant/status"]),
-    "homeassistant": (["appliance/status", "appliance/display/main"], ["appliance/request/chat"]),
+    "homeassistant": (["appliance/status", "appliance/display/main", "appliance/request/cancel",
+                       "appliance/request/image/arduino-7"],
+                      ["appliance/request/chat", "replies/arduino-7/chat"]),
     "appliance": (["other/topic"], ["other/topic"]),
 }
 
@@ -197,6 +204,23 @@ def test_each_role_can_do_what_it_must_and_nothing_else(broker: Broker, role: st
         assert reads(s, admin, must_not_read) == []
     finally:
         s.close()
+        admin.close()
+
+
+def test_home_assistant_may_use_every_topic_its_discovered_entities_use(broker: Broker) -> None:
+    """Read from the discovery payload itself, the image model's entities included."""
+    _, payload = build_discovery(Topics("appliance"), version="1", model_ids=["sd"], display="main")
+    comps = payload["components"].values()
+    reads_ = {c[k] for c in comps for k in ("state_topic", "image_topic") if k in c}
+    reads_ |= {a["topic"] for a in payload["availability"]}
+    writes = {c["command_topic"] for c in comps if "command_topic" in c}
+    assert "appliance/display/main" in reads_ and "appliance/request/image" in writes
+    ha, admin = Session(broker, "homeassistant"), Session(broker, "admin")
+    try:
+        assert [t for t in sorted(writes) if not ha.can_publish(t)] == []
+        assert reads(ha, admin, sorted(reads_)) == sorted(reads_)
+    finally:
+        ha.close()
         admin.close()
 
 
