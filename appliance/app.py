@@ -24,6 +24,7 @@ from typing import Any
 from appliance import sd_notify
 from appliance.config import ApplianceConfig
 from appliance.device_monitor import make_device_monitor
+from appliance.display_feed import DisplayFeed
 from appliance.ha_discovery import build_discovery, clear_discovery, discovery_changed
 from appliance.health import HealthChecks, TelemetryJob, make_scheduler
 from appliance.journal import Journal
@@ -35,12 +36,14 @@ from bridge_http.app import create_app
 from bridge_http.auth import exposure_warning
 from bridge_http.bridge import BridgeSettings
 from bridge_http.server import HttpServer, HttpServerError
+from bridge_http.ui import UI
 from handlers.acceptance import Replayed
 from handlers.context import HandlerContext, Limits
+from handlers.image import image_meta
 from handlers.registry import Dispatcher
 from handlers.reply import publish_all
 from npu.device.sim import SimMonitor
-from npu.engine.api import EngineState
+from npu.engine.api import EngineState, ImageResult
 from npu.engine.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -65,7 +68,8 @@ class Appliance:
         self.engine = Engine(config.model_specs(), config=config.engine_settings(),
                              device_ids=config.device.ids, monitor=self.monitor,
                              recovery=config.recovery_settings())
-        self.health = HealthChecks(self.engine, self.monitor, config.thermal_limits(), self.event)
+        # Thermal events go through the engine's listeners: MQTT and the console both hear them.
+        self.health = HealthChecks(self.engine, self.monitor, config.thermal_limits(), self.engine.emit_event)
         self.inbound: queue.Queue[InboundMessage] = queue.Queue()
         ha = config.homeassistant.enabled
         self._discovery: dict[str, Any] | None = None
@@ -100,6 +104,8 @@ class Appliance:
                                         config.telemetry.interval)
         self.dispatcher = Dispatcher(self.inbound, context, side_topics=side)
         self.http: HttpServer | None = None
+        self.ui: UI | None = None
+        self.display_feed: DisplayFeed | None = None
         if config.http.enabled:
             settings = BridgeSettings(api_key=config.http.api_key, max_n=config.http.max_n,
                                       max_body=config.http.max_body,
@@ -107,7 +113,11 @@ class Appliance:
                                       image_url_ttl=config.images.url_ttl,
                                       raw_prompt_special_tokens=config.http.raw_prompt_special_tokens,
                                       sender=config.http.sender)
-            self.http = HttpServer(create_app(self.engine, settings), config.http.host, config.http.port)
+            http_app = create_app(self.engine, settings)
+            self.ui = http_app.state.ui
+            self.ui.display_out = self.show_on_display  # a console picture goes to the display's topic
+            self.display_feed = DisplayFeed(config.mqtt, self.topics, self.ui.displays)
+            self.http = HttpServer(http_app, config.http.host, config.http.port)
 
     def start(self) -> None:
         logger.info("appliance %s starting (base topic %r)", app_version(), self.topics.base)
@@ -116,6 +126,9 @@ class Appliance:
         self.link.start()
         if http_error:
             self.event("http_failed", error=http_error)
+        elif self.ui is not None and self.display_feed is not None:
+            self.ui.live.start()  # the console's hour of charts starts now, not when a page opens
+            self.display_feed.start()
         self.engine.add_event_listener(lambda name, fields: self.event(name, **fields))
         self.engine.start(wait_loaded=False)
         self.scheduler.start()
@@ -132,6 +145,10 @@ class Appliance:
         self.engine.stop()
         if self.http is not None:
             self.http.stop()
+        if self.display_feed is not None:
+            self.display_feed.stop()
+        if self.ui is not None:
+            self.ui.live.stop()
         self.dispatcher.stop()
         self.link.stop("stopped")
         if self.journal is not None:
@@ -160,7 +177,7 @@ class Appliance:
         self.dispatcher.start(first=self._from_journal())
         self.publish_retained()
         for model in self.engine.models():
-            self.event(
+            self.engine.emit_event(  # through the engine: MQTT and the console's log hear it
                 "model_loaded" if model.loaded else "model_failed", model=model.id, backend=model.backend
             )
         self._say_ready()
@@ -266,6 +283,14 @@ class Appliance:
         self.link.publish(self.topics.state, json.dumps(payload), qos=1, retain=True)
         for name, value in state_figures(state).items():
             self.link.publish(self.topics.telemetry_metric(name), value, qos=0, retain=True)
+
+    def show_on_display(self, display: str, prompt: str, result: ImageResult) -> None:
+        """A picture made from the console, on its display's topics as an MQTT request's would be."""
+        out = result.output
+        self.link.publish(self.topics.display(display), out.data, qos=1, retain=True,
+                          properties={"content_type": out.content_type})
+        self.link.publish(self.topics.display_meta(display), image_meta("console", prompt, result, display),
+                          qos=1, retain=True, properties={"content_type": "application/json"})
 
     def event(self, name: str, **fields: Any) -> None:
         payload = {"event": name, "ts": round(time.time(), 3), **fields}

@@ -19,10 +19,15 @@ from bridge_http.auth import require_api_key
 from bridge_http.body_guard import BodyGuard
 from bridge_http.bridge import Bridge, BridgeSettings
 from bridge_http.completions import router as completions_router
+from bridge_http.displays import DisplayBoard
 from bridge_http.errors import install_error_handlers
 from bridge_http.images import files_router as image_files_router
 from bridge_http.images import router as images_router
+from bridge_http.live import LiveFeed
 from bridge_http.status import models_router, status_router
+from bridge_http.ui import UI
+from bridge_http.ui import api_router as ui_api_router
+from bridge_http.ui import pages_router as ui_pages_router
 from npu.engine.api import EngineClient
 
 # llama.cpp's server answers these without the /v1 prefix, and its clients call them so.
@@ -41,6 +46,9 @@ def create_app(engine: EngineClient, settings: BridgeSettings | None = None) -> 
     app.include_router(models_router)
     app.include_router(status_router)
     add_unversioned_routes(app, [completions_router, models_router])
+    app.state.ui = UI(LiveFeed(engine), DisplayBoard())  # the console at / and /display/<name>
+    app.include_router(ui_api_router)
+    app.include_router(ui_pages_router)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
     async def openapi() -> dict[str, Any]:
