@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from npu.device.base import DeviceReading
 from npu.diffusion.params import ImageOutput, ImageParams
-from npu.llm.params import FinishReason, GenerationParams, Usage
+from npu.llm.params import FinishReason, GenerationParams, TokenLogprob, Usage
 from npu.speech.params import Clip, Piece, Segment, SpeechParams
 
 if TYPE_CHECKING:
@@ -90,6 +90,9 @@ class ChatRequest:
     deadline: float | None = None  # time.monotonic() after which a job still waiting is expired
     enable_thinking: bool = False
     request_id: str | None = None  # the caller's id, for logs
+    # OpenAI function tools ({"type": "function", "function": {...}}) the chat template shows the
+    # model; the answer's form is held by ``params.constraint`` (npu/llm/tools.py).
+    tools: Sequence[dict[str, Any]] | None = None
     sender: str | None = None  # who asked (a named MQTT sender, an HTTP client): its turn in the queue
     # A raw prompt's special-token texts become the tokens: only for trusted clients that write
     # the chat format themselves. Messages never parse them (the template's markers are the tokens).
@@ -154,6 +157,7 @@ class Delta:
 
     text: str
     token: int | None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the previous delta (when asked)
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,10 @@ class ChatResult:
     generation_ms: float
     total_ms: float
     queued_ms: float
+    logprobs: tuple[TokenLogprob, ...] = ()  # every generated token's (when asked)
+    # Under a constraint (``params.constraint``): whether the text is a whole answer to it; a
+    # JSON answer that is not (``max_tokens`` ran out) must never be handed on as valid.
+    complete: bool | None = None
 
 
 @dataclass(frozen=True)

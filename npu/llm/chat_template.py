@@ -22,6 +22,8 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from npu.llm import tools as _tools
+
 logger = logging.getLogger(__name__)
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -168,6 +170,9 @@ class ChatTemplate:
             except jinja2.TemplateSyntaxError as e:
                 raise ValueError(f"chat template {name!r} does not parse: {e}") from e
         self.sources = sources
+        self.knows_tools = {
+            name: _tools.template_knows_tools(env, source) for name, source in sources.items()
+        }
         self.special_tokens = {
             k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None
         }
@@ -227,8 +232,15 @@ class ChatTemplate:
             ValueError: a bad message, or the template refused the conversation (the message is
                 the template's own, e.g. from ``raise_exception``).
         """
-        conversation = normalize_messages(messages)
         name = "tool_use" if tools is not None and "tool_use" in self._templates else "default"
+        uses_tools = tools is not None or any(
+            m.get("role") == "tool" or m.get("tool_calls") for m in messages if isinstance(m, Mapping)
+        )
+        if uses_tools and self.knows_tools[name]:
+            messages = _tools.template_messages(messages)
+        elif uses_tools:  # no tool syntax in this template: the documented fallback
+            messages, tools = _tools.fallback_messages(messages, tools), None
+        conversation = normalize_messages(messages)
         context = {
             **self.special_tokens,
             "messages": conversation,

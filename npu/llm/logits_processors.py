@@ -167,6 +167,19 @@ def make_frequency_penalty(penalty: float, *, inplace: bool = False) -> LogitsPr
     return frequency_penalty
 
 
+def make_logit_bias(bias: Sequence[tuple[int, float]], *, inplace: bool = False) -> LogitsProcessor:
+    """OpenAI ``logit_bias``: add each token's bias to its logit (-100 bans it, 100 all but forces it)."""
+    ids = np.array([t for t, _ in bias], dtype=np.int64)
+    values = np.array([b for _, b in bias], dtype=np.float32)
+
+    def logit_bias(tokens: TokensLike, logits: np.ndarray) -> np.ndarray:
+        out = logits if inplace else logits.copy()
+        np.add.at(out, ids, values.astype(out.dtype, copy=False))
+        return out
+
+    return logit_bias
+
+
 def make_logits_processors(params: GenerationParams, *, inplace: bool = False) -> list[LogitsProcessor]:
     """The active penalties of ``params`` as ``(tokens, logits) -> logits`` processors.
 
@@ -175,7 +188,7 @@ def make_logits_processors(params: GenerationParams, *, inplace: bool = False) -
     sequence is accepted and counted as all generated. Processors return a new array unless
     ``inplace`` is set, in which case they write into ``logits`` (useful when the caller owns a
     fresh logits buffer per step and wants to save the copies). Order: repetition, presence,
-    frequency.
+    frequency, then ``logit_bias``.
     """
     processors: list[LogitsProcessor] = []
     if params.repetition_penalty != 1.0:
@@ -184,6 +197,8 @@ def make_logits_processors(params: GenerationParams, *, inplace: bool = False) -
         processors.append(make_presence_penalty(params.presence_penalty, inplace=inplace))
     if params.frequency_penalty != 0.0:
         processors.append(make_frequency_penalty(params.frequency_penalty, inplace=inplace))
+    if params.logit_bias:
+        processors.append(make_logit_bias(params.logit_bias, inplace=inplace))
     return processors
 
 

@@ -7,9 +7,12 @@ protocol payloads with pydantic and build a ``GenerationParams`` from them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from npu.bounds import Bound
+
+if TYPE_CHECKING:
+    from npu.llm.constraints import Constraint
 
 FinishReason = Literal["stop", "length"]
 
@@ -20,6 +23,10 @@ TOP_K_MAX = 262_144  # the largest vocabularies; top_k at or above a model's kee
 # so a prompt of more than this many characters per token of context cannot fit and is refused
 # before the tokenizer spends seconds on it.
 MAX_CHARS_PER_TOKEN = 128
+
+LOGIT_BIAS_MAX = 100.0  # OpenAI's range for a logit_bias value: -100 (ban) to 100 (force)
+MAX_LOGIT_BIAS = 1024  # entries of one logit_bias
+TOP_LOGPROBS_MAX = 20
 
 # The range of every numeric control, what the sampler and the penalties can use (finite values:
 # an infinite penalty turns logits into NaN, a top_k past the vocabulary does nothing).
@@ -69,6 +76,12 @@ class GenerationParams:
     frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # (token id, bias) pairs added to the logits before the filters (OpenAI ``logit_bias``).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # None: no logprobs; n: the chosen token's log-probability and the n most likely (0 to 20).
+    logprobs: int | None = None
+    # What the answer must be (a JSON Schema, any JSON object, one of some strings, tool calls).
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if self.seed == SEED_RANDOM:
@@ -82,6 +95,15 @@ class GenerationParams:
         if any(not s for s in self.stop):
             problems.append("stop strings must not be empty")
             fields.append("stop")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS or any(
+            token < 0 or not -LOGIT_BIAS_MAX <= bias <= LOGIT_BIAS_MAX for token, bias in self.logit_bias
+        ):
+            problems.append(f"logit_bias holds at most {MAX_LOGIT_BIAS} token ids (non-negative), "
+                            f"each with a bias from -100 to 100")
+            fields.append("logit_bias")
+        if self.logprobs is not None and not 0 <= self.logprobs <= TOP_LOGPROBS_MAX:
+            problems.append(f"top_logprobs must be from 0 to {TOP_LOGPROBS_MAX}")
+            fields.append("top_logprobs")
         if problems:
             raise ParamError(problems, fields)
 
@@ -95,6 +117,21 @@ class Usage:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the ``top`` most likely at that step.
+
+    From the distribution the sampler drew from, before temperature: the logits after the
+    penalties, ``logit_bias`` and the grammar mask (a token the grammar forbids has -inf).
+    """
+
+    token: int
+    text: str
+    bytes: bytes
+    logprob: float
+    top: tuple[tuple[int, str, bytes, float], ...] = ()
 
 
 @dataclass
@@ -112,6 +149,9 @@ class GenerationResponse:
     prompt_ms: float = 0.0
     generation_ms: float = 0.0
     prompt_done: int = 0  # prompt tokens processed so far (progress items during prefill)
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the previous item (when asked)
+    # Under a constraint, on the last item: whether the answer is complete (None: unconstrained).
+    complete: bool | None = None
 
     @property
     def generation_tps(self) -> float:

@@ -21,16 +21,19 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from npu.llm.chat_template import ChatTemplate
+from npu.llm.constraints import GrammarCache
 from npu.llm.detokenizer import StreamingDetokenizer
 from npu.llm.embedding import EmbeddingTable
 from npu.llm.kv_cache import CachePool, SequenceCache, reusable_prefix
 from npu.llm.layer_stack import LayerStack
 from npu.llm.logits_processors import TokenHistory, make_logits_processors
+from npu.llm.logprobs import token_logprob
 from npu.llm.model_args import ModelArgs
-from npu.llm.params import GenerationParams, GenerationResponse, Usage
+from npu.llm.params import GenerationParams, GenerationResponse, TokenLogprob, Usage
 from npu.llm.prompt_tokens import PromptEncoder
 from npu.llm.sampling import make_sampler
 from npu.llm.stops import StopMatcher
+from npu.llm.tools import RepeatGuard
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +52,17 @@ class ContextLengthError(ValueError):
 
 @dataclass(frozen=True)
 class Step:
-    """One unit of device work: a prefill chunk (``token is None``) or a sampled token."""
+    """One unit of device work: a prefill chunk (``token is None``) or a sampled token.
+
+    Under a constraint, ``complete`` says whether the answer so far is a whole one and
+    ``finished`` that nothing but the end can follow.
+    """
 
     token: int | None
     prompt_done: int
+    logprob: TokenLogprob | None = None
+    complete: bool | None = None
+    finished: bool = False
 
 
 class LLMRunner:
@@ -80,6 +90,7 @@ class LLMRunner:
         self.backend = backend
         self.pool = CachePool(cache_slots, stack.new_cache)
         self.eos_ids = frozenset(args.eos_token_id)
+        self.grammars = GrammarCache(tokenizer, self.eos_ids)
         self._add_bos = add_bos_token and args.bos_token_id is not None
 
     @classmethod
@@ -147,16 +158,32 @@ class LLMRunner:
         """A raw prompt's ids; its special-token texts are the tokens only with ``parse_special_tokens``."""
         return self._with_bos(self.prompts.encode(text, parse_special_tokens=parse_special_tokens))
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]], *, enable_thinking: bool = False) -> list[int]:
-        """The conversation through the chat template; no message can add a special token."""
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], *, enable_thinking: bool = False,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """The conversation (and its tools) through the chat template; no message can add a special token."""
+        extra: dict[str, Any] = {} if tools is None else {"tools": list(tools)}
         return self._with_bos(
-            self.prompts.encode_chat(self.template, messages, enable_thinking=enable_thinking)
+            self.prompts.encode_chat(self.template, messages, enable_thinking=enable_thinking, **extra)
         )
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         if self._add_bos and (not ids or ids[0] != self.args.bos_token_id):
             ids.insert(0, int(self.args.bos_token_id))  # type: ignore[arg-type]
         return ids
+
+    def check_params(self, params: GenerationParams) -> None:
+        """What only the model can tell: every ``logit_bias`` key is one of its token ids."""
+        bad = [t for t, _ in params.logit_bias if t >= self.args.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: {bad[0]} is not a token id of this model (ids run from 0 "
+                             f"to {self.args.vocab_size - 1})")
+
+    def describe_token(self, token: int) -> tuple[str, bytes]:
+        """A token's text and exact bytes, as logprobs show them."""
+        raw = self.grammars.token_bytes(token)
+        return raw.decode("utf-8", errors="replace"), raw
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> None:
         if not prompt_ids:
@@ -181,6 +208,7 @@ class LLMRunner:
         cache.trim(reusable_prefix(cache.tokens, prompt, chunk))
         sampler = make_sampler(params)
         processors = make_logits_processors(params, inplace=True)
+        mask = self.grammars.mask(params.constraint) if params.constraint is not None else None
         history = TokenHistory(prompt)
         hidden: np.ndarray | None = None
         while cache.offset < len(prompt):
@@ -194,9 +222,20 @@ class LLMRunner:
             logits = stack.logits(hidden)
             for process in processors:
                 logits = process(history, logits)
+            if mask is not None:
+                logits = mask.apply(logits)
             token = sampler(logits)
+            logprob = None
+            if params.logprobs is not None and token not in self.eos_ids:
+                logprob = token_logprob(logits, token, params.logprobs, self.describe_token)
             history.append(token)
-            yield Step(token, len(prompt))
+            if mask is None:
+                yield Step(token, len(prompt), logprob)
+            elif token in self.eos_ids:  # the mask allows the end only once the answer is whole
+                yield Step(token, len(prompt), complete=True, finished=True)
+            else:
+                mask.advance(token)
+                yield Step(token, len(prompt), logprob, mask.accepting, mask.finished)
             if cache.free == 0:
                 return
             hidden = stack.decode(cache, token, self.embedding.lookup([token]))
@@ -228,7 +267,11 @@ class LLMRunner:
         prompt_ms = 0.0
         first_at = started
         finish = "length"
-        carry = ""  # the last token's text when max_tokens ends the loop
+        carry = ""  # the last token's text when max_tokens or the grammar ends the loop
+        constrained = params.constraint is not None
+        complete: bool | None = False if constrained else None
+        logprobs: list[TokenLogprob] = []  # of tokens whose text is not out yet
+        guard = RepeatGuard() if constrained and params.constraint.kind == "tools" else None  # type: ignore[union-attr]
         steps = self.generate_step(prompt_ids, params, cache)
         try:
             for step in steps:
@@ -242,23 +285,39 @@ class LLMRunner:
                 if usage.completion_tokens == 0:
                     first_at = now
                     prompt_ms = (now - started) * 1e3
+                if constrained:
+                    complete = step.complete
                 if step.token in self.eos_ids:
                     finish = "stop"
                     break
                 usage.completion_tokens += 1
+                if step.logprob is not None:
+                    logprobs.append(step.logprob)
                 detokenizer.add_token(step.token)
                 text, stopped = stops.feed(detokenizer.last_segment)
                 if stopped:
                     finish = "stop"
-                    yield self._final(text, step.token, finish, usage, prompt_ms, first_at)
+                    # A stop string cut the answer: under a constraint it is not a whole one.
+                    yield self._final(text, step.token, finish, usage, prompt_ms, first_at,
+                                      tuple(logprobs), False if constrained else None)
                     return
+                if guard is not None:
+                    text, repeated = guard.feed(text)
+                    if repeated:  # the calls so far are the answer
+                        yield self._final(text, step.token, "stop", usage, prompt_ms, first_at,
+                                          tuple(logprobs), True)
+                        return
+                if step.finished:  # the grammar is complete: end without waiting for EOS
+                    finish, carry = "stop", text
+                    break
                 if usage.completion_tokens >= params.max_tokens:
                     carry = text
                     break
                 yield GenerationResponse(
                     text, step.token, usage=replace(usage), prompt_ms=prompt_ms,
-                    generation_ms=(now - first_at) * 1e3,
+                    generation_ms=(now - first_at) * 1e3, logprobs=tuple(logprobs),
                 )
+                logprobs.clear()
         finally:
             steps.close()
         detokenizer.finalize()
@@ -267,16 +326,21 @@ class LLMRunner:
             text += stops.flush()
         else:
             finish = "stop"
-        yield self._final(carry + text, None, finish, usage, prompt_ms, first_at)
+            complete = False if constrained else None
+        if guard is not None:
+            text = guard.feed(text)[0] + guard.flush()
+        yield self._final(carry + text, None, finish, usage, prompt_ms, first_at, tuple(logprobs), complete)
 
     @staticmethod
     def _final(
-        text: str, token: int | None, finish: str, usage: Usage, prompt_ms: float, first_at: float
+        text: str, token: int | None, finish: str, usage: Usage, prompt_ms: float, first_at: float,
+        logprobs: tuple[TokenLogprob, ...] = (), complete: bool | None = None,
     ) -> GenerationResponse:
         return GenerationResponse(
             text, token, finish_reason=finish,  # type: ignore[arg-type]
             usage=replace(usage), prompt_ms=prompt_ms,
             generation_ms=(time.perf_counter() - first_at) * 1e3,
+            logprobs=logprobs, complete=complete,
         )
 
     def stream_chat(
@@ -291,8 +355,10 @@ class LLMRunner:
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> GenerationResponse:
         """The whole completion as one response (text joined, usage and finish of the last item)."""
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         last: GenerationResponse | None = None
         for last in self.stream_generate(prompt_ids, params):
             parts.append(last.text)
+            logprobs.extend(last.logprobs)
         assert last is not None
-        return replace(last, text="".join(parts))
+        return replace(last, text="".join(parts), logprobs=tuple(logprobs))

@@ -26,7 +26,7 @@ from npu.engine.job import WorkerJob
 from npu.engine.kinds import ModelFacts, StepOutcome
 from npu.engine.metrics import EngineMetrics
 from npu.llm.kv_cache import CacheMemoryError
-from npu.llm.params import GenerationResponse
+from npu.llm.params import GenerationResponse, TokenLogprob
 from npu.llm.runner import ContextLengthError, LLMRunner
 
 
@@ -39,6 +39,8 @@ class ChatState:
     resume: str = ""  # text already sent before a reset, to be matched again and not re-sent
     last_token_at: float | None = None  # None until the first generated token
     tokens_counted: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # every token's, when asked
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet in a Delta
 
 
 def state_of(job: WorkerJob) -> ChatState:
@@ -69,8 +71,10 @@ class ChatKind:
             request = dataclasses.replace(request, params=params)
         assert isinstance(runner, LLMRunner)
         try:
+            runner.check_params(request.params)
             if request.messages is not None:
-                prompt_ids = runner.encode_chat(request.messages, enable_thinking=request.enable_thinking)
+                prompt_ids = runner.encode_chat(request.messages, enable_thinking=request.enable_thinking,
+                                                tools=request.tools)
             else:
                 prompt_ids = runner.encode(
                     request.prompt or "", parse_special_tokens=request.parse_special_tokens
@@ -102,9 +106,12 @@ class ChatKind:
                 return StepOutcome(end=Failed(EngineError(ErrorCode.DEVICE_RESET, message)))
             state.resume, text = state.resume[n:], text[n:]
         events: tuple[JobEvent, ...] = ()
+        state.unsent_logprobs.extend(step.logprobs)
         if text:
             state.parts.append(text)
-            events = (Delta(text, step.token),)
+            state.logprobs.extend(state.unsent_logprobs)
+            events = (Delta(text, step.token, tuple(state.unsent_logprobs)),)
+            state.unsent_logprobs.clear()
         elif step.token is None and step.finish_reason is None:
             events = (Progress(step.prompt_done, step.usage.prompt_tokens),)
         if step.finish_reason is None:
@@ -119,6 +126,8 @@ class ChatKind:
             generation_ms=step.generation_ms,
             total_ms=(time.monotonic() - handle.submitted) * 1e3,
             queued_ms=(job.started - handle.submitted) * 1e3,
+            logprobs=(*state.logprobs, *state.unsent_logprobs),
+            complete=step.complete,
         )
         return StepOutcome(events=events, end=Done(result))
 
@@ -130,6 +139,8 @@ class ChatKind:
     def retry(self, job: WorkerJob) -> None:
         state = state_of(job)
         state.resume = "".join(state.parts)
+        state.logprobs.clear()  # the retry reports every token again
+        state.unsent_logprobs.clear()
 
     def record(self, metrics: EngineMetrics, model_id: str, done: Done) -> None:
         result = done.result
