@@ -112,3 +112,47 @@ ensure_node_red() {
 ensure_demo_model() {
   "$VENV/bin/appliance" models demo --models-dir "$ROOT/models" >/dev/null
 }
+
+# Home Assistant in its own venv, .cache/homeassistant, for the test that runs the appliance's
+# discovery through a real Home Assistant (tests/test_home_assistant.py). Home Assistant needs
+# Python 3.13 or newer, which is not the appliance's own interpreter: the first python3.13 (or
+# newer) on PATH or under pyenv, else Debian's python3.13 package where apt has one. Where none can
+# be had the set-up says so and that test is skipped. 2025.4.4 is the newest release that installs
+# on every 3.13 (later ones ask for 3.13.2); the others are what it needs at start (its frontend,
+# without which it starts in recovery mode) and what the MQTT integration requires.
+HA_DIR="$ROOT/.cache/homeassistant"
+HA_PACKAGES=(homeassistant==2025.4.4 home-assistant-frontend==20250411.0 paho-mqtt==2.1.0)
+ha_python() {  # prints the first Python 3.13+ found, or nothing
+  local candidate root
+  root="$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"
+  for candidate in python3.13 python3.14 "$root"/versions/3.1[3-9]*/bin/python3 /usr/bin/python3.13; do
+    if [ -x "$candidate" ] || command -v "$candidate" >/dev/null 2>&1; then
+      "$candidate" -c 'import sys, venv; sys.exit(sys.version_info < (3, 13))' 2>/dev/null \
+        && "$candidate" -c 'import sys; print(sys.executable)' && return
+    fi
+  done
+}
+ensure_home_assistant() {
+  local stamp="$HA_DIR/.installed" py
+  if [ -x "$HA_DIR/bin/hass" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${HA_PACKAGES[*]}" ]; then return; fi
+  py="$(ha_python)"
+  if [ -z "$py" ] && command -v apt-cache >/dev/null \
+     && apt-cache policy python3.13 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    apt_install python3.13 python3.13-venv || true
+    py="$(ha_python)"
+  fi
+  if [ -z "$py" ]; then
+    say "no Python 3.13 or newer here: the Home Assistant test will be skipped"
+    return
+  fi
+  say "installing ${HA_PACKAGES[*]} into $HA_DIR with $("$py" --version 2>&1) (the first time takes a few minutes)"
+  rm -rf "$HA_DIR"
+  if "$py" -m venv "$HA_DIR" && "$HA_DIR/bin/python" -m pip install --quiet --upgrade pip \
+       >"$HA_DIR/install.log" 2>&1 \
+     && "$HA_DIR/bin/python" -m pip install --quiet "${HA_PACKAGES[@]}" >>"$HA_DIR/install.log" 2>&1; then
+    echo "${HA_PACKAGES[*]}" > "$stamp"
+  else
+    tail -n 20 "$HA_DIR/install.log" >&2
+    say "installing Home Assistant failed (see $HA_DIR/install.log): its test will fail until it succeeds"
+  fi
+}
