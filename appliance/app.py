@@ -42,6 +42,7 @@ from handlers.context import HandlerContext, Limits
 from handlers.image import image_meta
 from handlers.registry import Dispatcher
 from handlers.reply import publish_all
+from handlers.speech import Listening
 from npu.device.sim import SimMonitor
 from npu.engine.api import EngineState, ImageResult
 from npu.engine.engine import Engine
@@ -85,7 +86,7 @@ class Appliance:
                 side[self.topics.display_meta(self._picture_display)] = self._on_picture_meta
         self.link = MqttLink(
             config.mqtt, self.inbound, topics=self.topics, on_connected=self.publish_retained,
-            extra_topics=tuple(side),
+            extra_topics=(*side, self.topics.listen_filter),
         )
         self.journal: Journal | None = None
         if config.journal.enabled:
@@ -102,7 +103,8 @@ class Appliance:
         )
         self.scheduler = make_scheduler(self.health, self.telemetry, config.device.health_interval,
                                         config.telemetry.interval)
-        self.dispatcher = Dispatcher(self.inbound, context, side_topics=side)
+        self.listening = Listening(context)  # microphones on {base}/listen/<node>/...
+        self.dispatcher = Dispatcher(self.inbound, context, side_topics=side, streams=self._on_listen)
         self.http: HttpServer | None = None
         self.ui: UI | None = None
         self.display_feed: DisplayFeed | None = None
@@ -261,6 +263,13 @@ class Appliance:
             if force or discovery_changed(self._discovery, payload):
                 self.link.publish(topic, json.dumps(payload), qos=1, retain=True)
                 self._discovery = payload
+
+    def _on_listen(self, msg: InboundMessage) -> bool:
+        parsed = self.topics.parse_listen(msg.topic)
+        if parsed is None:
+            return False
+        self.listening.on_message(*parsed, bytes(msg.payload), msg.response_topic, msg.correlation_data)
+        return True
 
     def _on_ha_status(self, payload: bytes) -> None:
         """HA's birth message: it (re)started and asks every device to announce itself."""

@@ -120,6 +120,30 @@ class Topics:
     def display_meta(self, name: str) -> str:
         return f"{self.display(name)}/meta"
 
+    def audio(self, speaker: str) -> str:
+        """``{base}/audio/<speaker>``: a spoken utterance as one WAV (not retained)."""
+        self._require_level(speaker, "speaker")
+        return f"{self.base}/audio/{speaker}"
+
+    def audio_chunk(self, speaker: str) -> str:
+        """``{base}/audio/<speaker>/chunk``: the same utterance as PCM pieces between start and end."""
+        return f"{self.audio(speaker)}/chunk"
+
+    @property
+    def listen_filter(self) -> str:
+        """``{base}/listen/<node>/start|audio|stop``: microphones streaming an utterance."""
+        return f"{self.base}/listen/+/+"
+
+    def parse_listen(self, topic: str) -> tuple[str, str] | None:
+        """``(node, action)`` of a listen topic, else None."""
+        prefix = f"{self.base}/listen/"
+        if not topic.startswith(prefix):
+            return None
+        levels = topic[len(prefix):].split("/")
+        if len(levels) != 2 or not levels[0] or levels[1] not in ("start", "audio", "stop"):
+            return None
+        return levels[0], levels[1]
+
     @staticmethod
     def ha_discovery(node_id: str) -> str:
         if check_topic_level(node_id, "node id") is not None:

@@ -15,6 +15,8 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 
+from bridge_http.audio import UPLOAD_LIMITS
+from bridge_http.audio import router as audio_router
 from bridge_http.auth import require_api_key
 from bridge_http.body_guard import BodyGuard
 from bridge_http.bridge import Bridge, BridgeSettings
@@ -42,6 +44,7 @@ def create_app(engine: EngineClient, settings: BridgeSettings | None = None) -> 
     install_error_handlers(app)
     app.include_router(completions_router)
     app.include_router(images_router)
+    app.include_router(audio_router)
     app.include_router(image_files_router)
     app.include_router(models_router)
     app.include_router(status_router)
@@ -55,7 +58,7 @@ def create_app(engine: EngineClient, settings: BridgeSettings | None = None) -> 
         return app.openapi()
 
     # Added last = outermost: CORS headers go on every answer, the guard's refusals included.
-    app.add_middleware(BodyGuard, max_body=settings.max_body)
+    app.add_middleware(BodyGuard, max_body=settings.max_body, uploads=UPLOAD_LIMITS)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],

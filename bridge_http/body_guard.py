@@ -12,10 +12,11 @@ like every other error.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from email.message import Message
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -30,9 +31,10 @@ SEND_JSON = "send the body as JSON with Content-Type: application/json"
 class BodyGuard:
     """ASGI middleware: bodies over ``max_body`` bytes are a 413, bodies that are not JSON a 400."""
 
-    def __init__(self, app: ASGIApp, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, max_body: int, uploads: Mapping[str, int] | None = None) -> None:
         self.app = app
         self.max_body = max_body
+        self.uploads = dict(uploads or {})  # path -> its own byte cap; multipart, not JSON
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,6 +42,13 @@ class BodyGuard:
             return
         request = Request(scope)
         declared = request.headers.get("content-length", "")
+        upload = self.uploads.get(scope["path"])
+        if upload is not None:  # a file upload: its own cap, counted while the route reads it
+            if declared.isdigit() and int(declared) > upload:
+                await self._refuse(request, receive, send, self._too_large(f"{int(declared)} bytes", upload))
+                return
+            await self.app(scope, self._counted(request, receive, send, upload), send)
+            return
         if declared.isdigit() and int(declared) > self.max_body:
             await self._refuse(request, receive, send, self._too_large(f"{int(declared)} bytes"))
             return
@@ -67,9 +76,24 @@ class BodyGuard:
             return
         await self.app(scope, _replay(body, receive), send)
 
-    def _too_large(self, size: str) -> OpenAIError:
-        message = f"the request body is {size}; the limit is {self.max_body} bytes (http.max_body)"
-        return OpenAIError(413, message, code="request_too_large")
+    def _too_large(self, size: str, upload: int | None = None) -> OpenAIError:
+        limit = (f"{self.max_body} bytes (http.max_body)" if upload is None
+                 else f"{upload} bytes for an upload")
+        return OpenAIError(413, f"the request body is {size}; the limit is {limit}", code="request_too_large")
+
+    def _counted(self, request: Request, receive: Receive, send: Send, limit: int) -> Receive:
+        """A ``receive`` that stops a chunked upload once it passes ``limit`` bytes, with a 413."""
+        size = 0
+
+        async def counted() -> MutableMapping[str, Any]:
+            nonlocal size
+            message = await receive()
+            size += len(message.get("body", b""))
+            if size > limit:  # FastAPI passes Starlette's HTTPException on; the handlers word it
+                raise HTTPException(413, str(self._too_large(f"more than {limit} bytes", limit)))
+            return message
+
+        return counted
 
     @staticmethod
     async def _refuse(request: Request, receive: Receive, send: Send, error: OpenAIError) -> None:

@@ -53,6 +53,7 @@ from handlers.payloads import (
     validate_payload,
 )
 from handlers.reply import Reply, Route, publish_all, route_reply
+from handlers.speech import SpeakPayload, handle_speak
 from npu.engine.api import EngineError
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ def build_registry() -> dict[str, HandlerSpec]:
                     durable=True, text_copy=True),
         HandlerSpec("image", ImagePayload, handle_image, text_field="prompt", assign_id=True,
                     durable=True),
+        # Not journaled: an utterance is for whoever stands at the speaker now, not after a restart.
+        HandlerSpec("speak", SpeakPayload, handle_speak, text_field="text", assign_id=True),
         HandlerSpec("cancel", CancelPayload, handle_cancel, text_field="id"),
         HandlerSpec("health_check", HealthPayload, handle_health_check),
         HandlerSpec("pause", PausePayload, handle_pause, text_field="reason"),
@@ -232,9 +235,11 @@ class Dispatcher:
         ctx: HandlerContext,
         registry: Mapping[str, HandlerSpec] | None = None,
         side_topics: Mapping[str, Callable[[bytes], None]] | None = None,
+        streams: Callable[[InboundMessage], bool] | None = None,
     ) -> None:
         self.inbound = inbound
         self.side_topics = dict(side_topics or {})  # topic -> callback, for topics that are not requests
+        self.streams = streams  # takes a message outside the request tree (a microphone), True if it did
         self.ctx = ctx
         self.registry = dict(registry) if registry is not None else build_registry()
         self._thread: threading.Thread | None = None
@@ -259,6 +264,13 @@ class Dispatcher:
                     logger.exception("could not acknowledge a message on %r", getattr(msg, "topic", "?"))
 
     def _handle(self, msg: InboundMessage) -> Reply | None:
+        if self.streams is not None:
+            try:
+                if self.streams(msg):
+                    return None
+            except Exception:
+                logger.exception("handling %r failed", msg.topic)
+                return None
         side = self.side_topics.get(getattr(msg, "topic", ""))
         if side is not None:
             try:
