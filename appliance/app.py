@@ -32,6 +32,7 @@ from appliance.mqtt_link import InboundMessage, MqttLink
 from appliance.ready import http_base_url, ready_message
 from appliance.telemetry import state_figures
 from appliance.topics import Topics
+from appliance.wyoming_server import WyomingServer, WyomingSettings
 from bridge_http.app import create_app
 from bridge_http.auth import exposure_warning
 from bridge_http.bridge import BridgeSettings
@@ -104,6 +105,10 @@ class Appliance:
         self.scheduler = make_scheduler(self.health, self.telemetry, config.device.health_interval,
                                         config.telemetry.interval)
         self.listening = Listening(context)  # microphones on {base}/listen/<node>/...
+        wyoming = config.voice.wyoming
+        self.wyoming = WyomingServer(self.engine, WyomingSettings(
+            host=wyoming.host, asr_port=wyoming.asr_port, tts_port=wyoming.tts_port,
+            zeroconf=wyoming.zeroconf, name=self.topics.base), app_version()) if wyoming.enabled else None
         self.dispatcher = Dispatcher(self.inbound, context, side_topics=side, streams=self._on_listen)
         self.http: HttpServer | None = None
         self.ui: UI | None = None
@@ -133,6 +138,7 @@ class Appliance:
             self.display_feed.start()
         self.engine.add_event_listener(lambda name, fields: self.event(name, **fields))
         self.engine.start(wait_loaded=False)
+        self._start_wyoming()
         self.scheduler.start()
         self._ready = threading.Thread(target=self._when_loaded, name="when-loaded", daemon=True)
         self._ready.start()
@@ -144,6 +150,8 @@ class Appliance:
             self.scheduler.shutdown(wait=False)
         if self.journal is not None:
             self.journal.begin_stop()  # what the stop refuses stays accepted, for the next start
+        if self.wyoming is not None:
+            self.wyoming.stop()
         self.engine.stop()
         if self.http is not None:
             self.http.stop()
@@ -263,6 +271,16 @@ class Appliance:
             if force or discovery_changed(self._discovery, payload):
                 self.link.publish(topic, json.dumps(payload), qos=1, retain=True)
                 self._discovery = payload
+
+    def _start_wyoming(self) -> None:
+        """Home Assistant's speech servers; one that cannot listen is logged, the rest goes on."""
+        if self.wyoming is None:
+            return
+        try:
+            self.wyoming.start()
+        except Exception as exc:
+            logger.error("the Wyoming servers did not start: %s; MQTT and HTTP are still served", exc)
+            self.wyoming = None
 
     def _on_listen(self, msg: InboundMessage) -> bool:
         parsed = self.topics.parse_listen(msg.topic)

@@ -37,6 +37,7 @@ from pydantic import (
     model_validator,
 )
 
+from appliance.wyoming_server import WyomingSettings
 from bridge_http.body_guard import DEFAULT_MAX_BODY
 from handlers.context import ImageDefaults, Limits
 from npu.device.thermal import ThermalLimits
@@ -386,6 +387,23 @@ class JournalConfig(BaseConfig):
     )
 
 
+class WyomingConfig(BaseConfig):
+    """Home Assistant's Wyoming protocol for speech (appliance/wyoming_server.py)."""
+
+    enabled: bool = Field(False, description="Serve speech to text and speech to Home Assistant Assist")
+    host: str = Field(default_of(WyomingSettings, "host"), min_length=1, description="Interface to listen on")
+    asr_port: int = Field(default_of(WyomingSettings, "asr_port"), ge=0, le=65535,
+                          description="Speech to text (0: any free port)")
+    tts_port: int = Field(default_of(WyomingSettings, "tts_port"), ge=0, le=65535,
+                          description="Text to speech (0: any free port)")
+    zeroconf: bool = Field(default_of(WyomingSettings, "zeroconf"),
+                           description="Announce both as _wyoming._tcp so Home Assistant discovers them")
+
+
+class VoiceConfig(BaseConfig):
+    wyoming: WyomingConfig = Field(default_factory=WyomingConfig, description="The Wyoming servers")
+
+
 class HomeAssistantConfig(BaseConfig):
     enabled: bool = Field(True, description="Publish Home Assistant MQTT discovery (retained)")
     name: str | None = Field(None, min_length=1, max_length=64, description="Device name shown in HA")
@@ -431,6 +449,7 @@ class ApplianceConfig(BaseConfig):
     homeassistant: HomeAssistantConfig = Field(
         default_factory=HomeAssistantConfig, description="Home Assistant discovery"
     )
+    voice: VoiceConfig = Field(default_factory=VoiceConfig, description="Speech: the Wyoming servers")
     journal: JournalConfig = Field(
         default_factory=JournalConfig, description="Durable acceptance of requests (crash safety)"
     )

