@@ -153,12 +153,13 @@ class Appliance:
         if self.wyoming is not None:
             self.wyoming.stop()
         self.engine.stop()
+        if self.ui is not None:  # the pages' streams end cleanly, so the bridge stops at once
+            self.ui.live.stop()
+            self.ui.displays.close()
         if self.http is not None:
             self.http.stop()
         if self.display_feed is not None:
             self.display_feed.stop()
-        if self.ui is not None:
-            self.ui.live.stop()
         self.dispatcher.stop()
         self.link.stop("stopped")
         if self.journal is not None:

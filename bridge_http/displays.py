@@ -62,6 +62,7 @@ class DisplayBoard:
     def __init__(self) -> None:
         self._displays: dict[str, Display] = {}
         self._lock = threading.Lock()
+        self.closed = False
 
     def _display_locked(self, name: str) -> Display:
         display = self._displays.get(name)
@@ -71,6 +72,8 @@ class DisplayBoard:
                 if idle:
                     del self._displays[min(idle, key=lambda d: d.touched).name]
             display = self._displays[name] = Display(name)
+            if self.closed:
+                display.fanout.close()
         display.touched = time.monotonic()
         return display
 
@@ -105,6 +108,14 @@ class DisplayBoard:
         with self._lock:
             display = self._display_locked(name)
             display.fanout.publish(sse("preview", {**(info or {}), "src": src}))
+
+    def close(self) -> None:
+        """End every page's stream cleanly: the appliance stops."""
+        with self._lock:
+            self.closed = True
+            fanouts = [d.fanout for d in self._displays.values()]
+        for fanout in fanouts:
+            fanout.close()
 
     def picture(self, name: str, token: str) -> Picture | None:
         with self._lock:

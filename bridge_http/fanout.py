@@ -46,6 +46,7 @@ class Fanout:
         self.limit = limit
         self._subscribers: set[Subscriber] = set()
         self._lock = threading.Lock()
+        self.closed = False
 
     def __len__(self) -> int:
         return len(self._subscribers)
@@ -60,8 +61,20 @@ class Fanout:
         for message in first:
             subscriber.queue.put_nowait(message)
         with self._lock:
-            self._subscribers.add(subscriber)
+            if self.closed:
+                subscriber.queue.put_nowait(None)
+            else:
+                self._subscribers.add(subscriber)
         return subscriber
+
+    def close(self) -> None:
+        """End every stream cleanly (the appliance stops): a page sees the end, not a cut."""
+        with self._lock:
+            subscribers, self._subscribers = list(self._subscribers), set()
+            self.closed = True
+        for subscriber in subscribers:
+            with contextlib.suppress(RuntimeError):
+                subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, None)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         with self._lock:

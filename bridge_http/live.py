@@ -66,6 +66,7 @@ class LiveFeed:
 
     def stop(self) -> None:
         self._stop.set()
+        self.fanout.close()
         if self._thread is not None:
             self._thread.join(2)
 
@@ -111,9 +112,11 @@ class LiveFeed:
 
     # engine listeners (engine threads) --------------------------------------------------------
     def _on_state(self, state: EngineState) -> None:
+        cards = self.devices()  # a recovery's end, a card too hot: the cards change with the state
         with self._lock:
             self._state = state
             self._publish_locked("state", {**dataclasses.asdict(state), "ts": round(time.time(), 3)})
+            self._publish_locked("devices", cards)
 
     def _on_event(self, name: str, fields: dict[str, Any]) -> None:
         entry = {"event": name, "ts": round(time.time(), 3), **fields}

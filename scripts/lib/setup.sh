@@ -156,3 +156,22 @@ ensure_home_assistant() {
     say "installing Home Assistant failed (see $HA_DIR/install.log): its test will fail until it succeeds"
   fi
 }
+
+# Debian's Chromium for the browser tests (tests/test_browser_pages.py), which Playwright drives
+# through its executable path: Playwright never downloads a browser of its own here. Without
+# recommends (no desktop services); where apt has no chromium the set-up says so and those tests
+# are skipped with the reason.
+ensure_chromium() {
+  if [ -x /usr/bin/chromium ]; then return; fi
+  command -v apt-get >/dev/null || { say "no apt-get: the browser tests will be skipped"; return; }
+  if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null; then
+    say "not root and no sudo to install chromium: the browser tests will be skipped"
+    return
+  fi
+  say "installing Debian packages: chromium fonts-dejavu-core (for the browser tests)"
+  local install=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+                 chromium fonts-dejavu-core)
+  as_root "${install[@]}" >/dev/null 2>&1 \
+    || { as_root apt-get update -qq >/dev/null 2>&1 && as_root "${install[@]}" >/dev/null 2>&1; } \
+    || say "chromium could not be installed: the browser tests will be skipped"
+}
