@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--models-dir", type=Path, default=Path("models"), metavar="DIR", help="models/")
     demo.add_argument("--bits", type=int, choices=[4], default=None, help=BITS_HELP)
+    demo.add_argument("--no-voice", action="store_true",
+                      help="skip the CPU voice (Piper, GPL-3.0) and Whisper tiny.en")
     demo.set_defaults(func=cmd_models_demo)
     convert = models_sub.add_parser("convert", parents=[common], help="GGUF -> bundle")
     convert.add_argument("src", type=Path, metavar="SRC", help="a llama/qwen2/qwen3 GGUF file")
@@ -152,6 +154,11 @@ def cmd_models_demo(args: argparse.Namespace) -> int:
     from appliance.demo_model import ensure_demo_model
 
     print(ensure_demo_model(args.models_dir, bits=args.bits))
+    if not args.no_voice:
+        from appliance.demo_voice import ensure_demo_voice
+
+        for folder in ensure_demo_voice(args.models_dir):
+            print(folder)
     return 0
 
 
@@ -244,6 +251,14 @@ def bundle_problem(path: Path, kind: str) -> str | None:
         except FileNotFoundError as exc:
             return f"NOT AN IMAGE BUNDLE ({exc})"
         return None
+    if kind == "tts":
+        from npu.speech.piper_voice import find_piper_voice
+
+        return None if find_piper_voice(path) else "NOT A VOICE (no <name>.onnx with its .onnx.json)"
+    if kind == "stt":
+        from npu.speech.whisper_model import is_ctranslate2_whisper
+
+        return None if is_ctranslate2_whisper(path) else "NOT A SPEECH MODEL (no model.bin, config.json)"
     if not (path / "config.json").is_file():
         return "NOT A BUNDLE (no config.json)"
     return None

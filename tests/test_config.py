@@ -36,7 +36,9 @@ def test_defaults_are_valid_and_are_the_demo() -> None:
     assert (config.engine.queue_max, config.engine.request_timeout) == (32, 120)
     assert config.telemetry.interval == 10
     assert [(m.id, m.kind, m.path, m.runtime) for m in config.models] == [
-        ("smollm2-135m-instruct", "chat", "models/smollm2-135m-instruct", "auto")
+        ("smollm2-135m-instruct", "chat", "models/smollm2-135m-instruct", "auto"),
+        ("joe-us-medium", "tts", "models/joe-us-medium", "auto"),
+        ("whisper-tiny-en", "stt", "models/whisper-tiny-en", "auto")
     ]
 
 
@@ -96,7 +98,7 @@ def test_typo_in_nested_and_list_sections(tmp_path: Path) -> None:
 
 def test_unknown_section(tmp_path: Path) -> None:
     message = problems(tmp_path, {"mqttt": {"port": 1}})
-    allowed = "mqtt, http, device, engine, telemetry, images, homeassistant, journal, models"
+    allowed = "mqtt, http, device, engine, telemetry, images, homeassistant, voice, journal, models"
     assert f"mqttt: unknown section; allowed: {allowed}" in message
 
 
