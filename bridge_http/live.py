@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 GENERATION_TOKENS = "appliance_generation_tokens"  # the engine's counter of generated tokens
 HISTORY_SECONDS = 3600.0
+QUEUE_EVERY = 1.0  # seconds between looks at running jobs' progress
 
 
 def generated_tokens(engine: EngineClient) -> float:
@@ -51,6 +52,8 @@ class LiveFeed:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._tokens: tuple[float, float] | None = None  # (monotonic time, tokens) of the last sample
+        self._last_queue: list[dict[str, Any]] = []
+        self._shown_queue: list[dict[str, Any]] | None = None  # what changed is sent, not the clock
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -71,12 +74,17 @@ class LiveFeed:
             self._thread.join(2)
 
     def _run(self) -> None:
+        """A point of the charts every ``interval`` s; the queue every second while it moves."""
+        next_sample = 0.0
         while True:
             try:
-                self.sample()
+                if time.monotonic() >= next_sample:
+                    next_sample = time.monotonic() + self.interval
+                    self.sample()
+                self.publish_queue()
             except Exception:
                 logger.exception("console sample failed")
-            if self._stop.wait(self.interval):
+            if self._stop.wait(QUEUE_EVERY):
                 return
 
     # what pages receive --------------------------------------------------------------------------
@@ -94,7 +102,18 @@ class LiveFeed:
             sse("devices", self.devices()),
             sse("history", list(self.history)),
             sse("log", list(self.log)),
+            sse("queue", {"jobs": self._last_queue}),
         ]
+
+    def publish_queue(self) -> None:
+        """Every waiting and running job, sent when anything about them changed."""
+        jobs = [dataclasses.asdict(job) for job in self.engine.jobs()]
+        shown = [{k: v for k, v in job.items() if k != "waited_s"} for job in jobs]
+        with self._lock:
+            if shown == self._shown_queue:
+                return
+            self._shown_queue, self._last_queue = shown, jobs
+            self._publish_locked("queue", {"jobs": jobs})
 
     def devices(self) -> list[dict[str, Any]]:
         cards = []
@@ -117,6 +136,7 @@ class LiveFeed:
             self._state = state
             self._publish_locked("state", {**dataclasses.asdict(state), "ts": round(time.time(), 3)})
             self._publish_locked("devices", cards)
+        self.publish_queue()  # a job came, started or ended
 
     def _on_event(self, name: str, fields: dict[str, Any]) -> None:
         entry = {"event": name, "ts": round(time.time(), 3), **fields}

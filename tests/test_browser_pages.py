@@ -255,6 +255,27 @@ def test_the_prompt_box_streams_the_answer(console: Watched, rig: Rig) -> None:
     assert console.problems == [], console.problems
 
 
+def test_the_queue_lists_each_job_with_its_kind_sender_and_place(console: Watched, rig: Rig) -> None:
+    page = console.page
+    wait_state(page, "idle")
+    rig.mqtt.publish(f"{BASE}/request/pause", {"id": "hold"})
+    wait_state(page, "paused")
+    for i, sender in enumerate(("alice", "bob", "carol")):
+        rig.mqtt.publish(f"{BASE}/request/chat/{sender}", {"id": f"q{i}", "prompt": "Count to three.",
+                                                           "max_tokens": 8, "temperature": 0})
+    page.wait_for_function("() => document.querySelectorAll('#queue-rows tr').length === 3", timeout=10_000)
+    cells = "rs => rs.map(r => [...r.cells].map(c => c.textContent))"
+    rows = page.eval_on_selector_all("#queue-rows tr", cells)
+    assert [r[:4] for r in rows] == [["1", "chat", "alice", "queued"], ["2", "chat", "bob", "queued"],
+                                     ["3", "chat", "carol", "queued"]], rows
+    assert page.is_hidden("#queue-empty")
+    rig.mqtt.publish(f"{BASE}/request/resume", {"id": "go"})
+    page.wait_for_function("() => document.querySelectorAll('#queue-rows tr').length === 0", timeout=60_000)
+    wait_state(page, "idle", timeout=30)
+    assert page.is_visible("#queue-empty")
+    assert console.problems == [], console.problems
+
+
 def test_restart_needs_a_confirmation_then_the_card_comes_back(console: Watched, rig: Rig) -> None:
     page = console.page
     wait_state(page, "idle")

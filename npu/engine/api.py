@@ -329,6 +329,21 @@ class DeviceSnapshot:
     reading: DeviceReading | None = None  # the health job's latest; None until it first ran
 
 
+@dataclass(frozen=True)
+class JobInfo:
+    """One waiting or running job, as the console's queue lists it (``EngineClient.jobs``)."""
+
+    id: str
+    kind: str  # the job kind: chat, image, tts, stt
+    model: str
+    sender: str | None
+    state: Literal["queued", "running"]
+    position: int | None  # 1 = the next a worker takes; None while running
+    waited_s: float  # since it was submitted
+    step: int | None = None  # a running job's progress, where its kind tells it
+    steps: int | None = None
+
+
 StateListener = Callable[[EngineState], None]
 EventListener = Callable[[str, dict[str, Any]], None]
 
@@ -356,5 +371,6 @@ class EngineClient(Protocol):
     def state(self) -> EngineState: ...
     def devices(self) -> list[DeviceSnapshot]: ...
     def senders(self) -> dict[str, dict[str, Any]]: ...
+    def jobs(self) -> list[JobInfo]: ...
     def add_state_listener(self, listener: StateListener) -> None: ...
     def add_event_listener(self, listener: EventListener) -> None: ...

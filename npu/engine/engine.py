@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from npu.device.base import DeviceMonitor, DeviceReading
 from npu.device.thermal import ThermalLevel
@@ -26,6 +26,7 @@ from npu.engine.api import (
     EventListener,
     Failed,
     JobHandle,
+    JobInfo,
     ModelInfo,
     Priority,
     Request,
@@ -330,6 +331,25 @@ class Engine:
                            "rate_limited": c.rejected.get(ErrorCode.RATE_LIMITED.value, 0),
                            "rejected": dict(c.rejected)}
                     for name, c in sorted(counts.items())}
+
+    def jobs(self) -> list[JobInfo]:
+        """The running jobs, then the waiting ones in the order workers will take them."""
+        with self._lock:
+            waiting = self._queue.order()
+        running = [job for worker in list(self.workers) for job in worker.active_jobs()]
+        now = time.monotonic()
+        return ([self._job_info(job, "running", None, now) for job in running]
+                + [self._job_info(job, "queued", i + 1, now) for i, job in enumerate(waiting)])
+
+    @staticmethod
+    def _job_info(job: WorkerJob, state: Literal["queued", "running"], position: int | None,
+                  now: float) -> JobInfo:
+        place = getattr(job, "place", None)  # the last place announced to the job, with its progress
+        return JobInfo(id=job.handle.id, kind=job.kind.name, model=job.model_id,
+                       sender=job.handle.request.sender, state=state, position=position,
+                       waited_s=round(now - job.handle.submitted, 1),
+                       step=getattr(place, "step", None) if state == "running" else None,
+                       steps=getattr(place, "steps", None) if state == "running" else None)
 
     def _waiting_by_sender(self) -> dict[str, int]:
         with self._lock:

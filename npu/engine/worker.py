@@ -107,6 +107,11 @@ class DeviceWorker(threading.Thread):
             and self.thermal < ThermalLevel.PAUSE and len(self._active) < limit
         )
 
+    def active_jobs(self) -> list[WorkerJob]:
+        """The jobs this worker is stepping now (a snapshot)."""
+        with self._active_lock:
+            return list(self._active)
+
     def take_jobs(self) -> list[WorkerJob]:
         """Abandon this worker and hand over its running jobs (the recovery requeues them)."""
         self.abandoned = True
