@@ -25,6 +25,7 @@ from appliance import sd_notify
 from appliance.config import ApplianceConfig
 from appliance.device_monitor import make_device_monitor
 from appliance.display_feed import DisplayFeed
+from appliance.gate import make_gate
 from appliance.ha_discovery import build_discovery, clear_discovery, discovery_changed
 from appliance.health import HealthChecks, TelemetryJob, make_scheduler
 from appliance.journal import Journal
@@ -90,6 +91,7 @@ class Appliance:
             extra_topics=(*side, self.topics.listen_filter),
         )
         self.journal: Journal | None = None
+        self._queue_sent: dict[str, Any] | None = None  # the last {base}/queue, sent again only changed
         if config.journal.enabled:
             self.journal = Journal(config.journal_path(), sync=config.journal.sync,
                                    window=config.journal.dedup_window)
@@ -98,6 +100,7 @@ class Appliance:
             images=config.image_defaults(),
             sim=self.monitor if isinstance(self.monitor, SimMonitor) else None,
             journal=self.journal,
+            moderation=make_gate(config, self.event, self.engine.registry),
         )
         self.telemetry = TelemetryJob(
             self.engine, self.health, self.link.publish, self.topics, self.started_at
@@ -311,6 +314,18 @@ class Appliance:
         self.link.publish(self.topics.state, json.dumps(payload), qos=1, retain=True)
         for name, value in state_figures(state).items():
             self.link.publish(self.topics.telemetry_metric(name), value, qos=0, retain=True)
+        self.publish_queue()
+
+    def publish_queue(self) -> None:
+        """``{base}/queue``, retained: its length and when a request sent now would start; sent when
+        it changed (the state listener calls this on every change of the queue)."""
+        info = self.engine.queue()
+        payload = {"length": info.length, "running": info.running, "queue_max": info.queue_max,
+                   "eta_s": info.eta_s}
+        if payload != self._queue_sent:
+            self._queue_sent = payload
+            self.link.publish(self.topics.queue, json.dumps({**payload, "ts": round(time.time(), 3)}),
+                              qos=1, retain=True)
 
     def show_on_display(self, display: str, prompt: str, result: ImageResult) -> None:
         """A picture made from the console, on its display's topics as an MQTT request's would be."""

@@ -355,6 +355,15 @@ class TelemetryConfig(BaseConfig):
     interval: float = Field(10.0, ge=1, le=3600, description="Seconds between telemetry messages")
 
 
+DisplayName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=64)]
+
+
+class DisplayConfig(BaseConfig):
+    """One display's own settings in ``images.displays``."""
+
+    preview: bool | None = Field(None, description="Previews on this display (None: images.preview)")
+
+
 class ImagesConfig(BaseConfig):
     display: str = Field(default_of(ImageDefaults, "display"), pattern=r"^[A-Za-z0-9._-]+$", max_length=64,
                          description="The display an image goes to when a request names none")
@@ -368,6 +377,40 @@ class ImagesConfig(BaseConfig):
     )
     url_ttl: float = Field(3600, ge=10, le=7 * 86400,
                            description="Seconds an HTTP image URL (response_format url) stays valid")
+    preview: bool = Field(default_of(ImageDefaults, "preview"),
+                          description="JPEG previews on display/<name>/preview after each UNet step "
+                          "(a request's preview field wins)")
+    preview_size: int = Field(default_of(ImageDefaults, "preview_size"), ge=32, le=1024,
+                              description="Pixels on a preview's longer side")
+    displays: dict[DisplayName, DisplayConfig] = Field(
+        default_factory=dict, description="Per display (by name): its own preview setting")
+
+
+class ModerationRules(BaseConfig):
+    """One display's own prompt gate in ``moderation.displays``: picture prompts for it, and chat
+    prompts that name it (``display``)."""
+
+    enabled: bool | None = Field(None, description="Gate this display's prompts (None: moderation.enabled)")
+    blocklist: str | None = Field(None, min_length=1, description="A further word list for this display")
+    judge: bool | None = Field(None, description="Ask the resident LLM too (None: moderation.judge)")
+
+
+class ModerationConfig(BaseConfig):
+    """The gate for public prompts: a word and phrase list, optionally the resident LLM as a judge."""
+
+    enabled: bool = Field(False, description="Check every chat and image prompt before it is queued")
+    blocklist: str | None = Field(
+        None, min_length=1,
+        description="Word/phrase list, one a line ('#' comments); whole words, case and accents folded; "
+        "relative paths are relative to the config file's folder")
+    judge: bool = Field(False, description="Also ask the resident chat model, answering yes or no only")
+    judge_model: str | None = Field(None, description="The chat model that judges (None: the default one)")
+    curtain: str | None = Field(
+        None, min_length=1,
+        description="PNG or JPEG shown on the display instead of a refused picture (None: a plain dark one)")
+    log_prompts: bool = Field(False, description="Write refused prompts' text to the log (off: never)")
+    displays: dict[DisplayName, ModerationRules] = Field(
+        default_factory=dict, description="Per display (by name): its own gate")
 
 
 class JournalConfig(BaseConfig):
@@ -455,6 +498,9 @@ class ApplianceConfig(BaseConfig):
     journal: JournalConfig = Field(
         default_factory=JournalConfig, description="Durable acceptance of requests (crash safety)"
     )
+    moderation: ModerationConfig = Field(
+        default_factory=ModerationConfig, description="The gate for public prompts (word list, LLM judge)"
+    )
     models: list[ModelConfig] = Field(
         default_factory=_demo_models, min_length=1, description="Resident models (default: the demo model)"
     )
@@ -512,7 +558,13 @@ class ApplianceConfig(BaseConfig):
         return [onto(engine.ModelSpec, m, path=self.model_path(m)) for m in self.models]
 
     def image_defaults(self) -> ImageDefaults:
-        return onto(ImageDefaults, self.images)
+        previews = {name: d.preview for name, d in self.images.displays.items() if d.preview is not None}
+        return onto(ImageDefaults, self.images, displays=previews)
+
+    def config_path(self, value: str) -> Path:
+        """A file the config names; a relative path is relative to the config file's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self._base_dir / path
 
 
 # --- error messages -----------------------------------------------------------------------------

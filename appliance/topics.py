@@ -112,6 +112,16 @@ class Topics:
         self._require_level(request_id, "id")
         return f"{self.base}/stream/{request_id}"
 
+    def progress(self, request_id: str) -> str:
+        """A public job's place in the queue and its progress: ``{id, state, position, eta_s, ...}``."""
+        self._require_level(request_id, "id")
+        return f"{self.base}/progress/{request_id}"
+
+    @property
+    def queue(self) -> str:
+        """Retained: the queue's length and when a request sent now would start."""
+        return f"{self.base}/queue"
+
     # displays and discovery -------------------------------------------------------------------
     def display(self, name: str) -> str:
         self._require_level(name, "display name")
@@ -119,6 +129,10 @@ class Topics:
 
     def display_meta(self, name: str) -> str:
         return f"{self.display(name)}/meta"
+
+    def display_preview(self, name: str) -> str:
+        """Not retained: small JPEG previews of the picture being made for this display."""
+        return f"{self.display(name)}/preview"
 
     def audio(self, speaker: str) -> str:
         """``{base}/audio/<speaker>``: a spoken utterance as one WAV (not retained)."""

@@ -26,6 +26,7 @@ from bridge_http.errors import install_error_handlers
 from bridge_http.images import files_router as image_files_router
 from bridge_http.images import router as images_router
 from bridge_http.live import LiveFeed
+from bridge_http.queue import router as queue_router
 from bridge_http.status import models_router, status_router
 from bridge_http.ui import UI
 from bridge_http.ui import api_router as ui_api_router
@@ -47,6 +48,7 @@ def create_app(engine: EngineClient, settings: BridgeSettings | None = None) -> 
     app.include_router(audio_router)
     app.include_router(image_files_router)
     app.include_router(models_router)
+    app.include_router(queue_router)
     app.include_router(status_router)
     add_unversioned_routes(app, [completions_router, models_router])
     app.state.ui = UI(LiveFeed(engine), DisplayBoard())  # the console at / and /display/<name>

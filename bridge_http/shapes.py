@@ -11,10 +11,16 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from npu.engine.api import ChatResult
+from npu.engine.api import ChatResult, Place
 
 DONE = b"data: [DONE]\n\n"
 PING = b": ping\n\n"
+
+
+def place_comment(index: int, place: Place) -> bytes:
+    """A waiting job's place as an SSE comment: ``: queued position=2 eta_s=4.5 choice=0``."""
+    eta = "unknown" if place.eta_s is None else f"{place.eta_s:g}"
+    return f": {place.state} position={place.position} eta_s={eta} choice={index}\n\n".encode()
 
 
 def new_id(prefix: str) -> str:

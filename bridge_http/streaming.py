@@ -3,7 +3,9 @@
 Streams keep OpenAI's contract: each choice opens once (the role, or the echoed prompt), text
 deltas follow, each choice ends with exactly one ``finish_reason``, the optional usage chunk comes
 after every choice ended, and ``[DONE]`` is last. ``: ping`` comments keep proxies and clients
-from timing out while a job waits in the queue or a long prompt is prefilled. An error after the
+from timing out while a job waits in the queue or a long prompt is prefilled; while it waits, its
+place goes out as a comment too, ``: queued position=2 eta_s=4.5 choice=0`` (clients ignore
+comments; a kiosk page reads them). An error after the
 200 went out is a chunk with an ``error`` object, which the ``openai`` client raises.
 """
 
@@ -20,7 +22,7 @@ from starlette.requests import Request
 from bridge_http import shapes
 from bridge_http.errors import OpenAIError
 from bridge_http.jobs import IDLE, JobGroup, cancel_on_disconnect
-from npu.engine.api import ChatResult, Delta, Done, Failed, Progress
+from npu.engine.api import ChatResult, Delta, Done, Failed, Place, Progress
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -91,6 +93,9 @@ async def stream_sse(
                 if time.monotonic() - last_ping >= progress_ping_every:
                     last_ping = time.monotonic()
                     yield shapes.PING
+            elif isinstance(event, Place) and event.state == "queued":
+                last_ping = time.monotonic()
+                yield shapes.place_comment(index, event)
             elif isinstance(event, Done):
                 result = event.result
                 assert isinstance(result, ChatResult)  # a chat job's result

@@ -5,7 +5,11 @@ worker thread then calls the sink, which only publishes (paho queues; nothing bl
 
 - ``stream: true``: ``{id, seq, delta, done}`` on the stream topic (``{base}/stream/<id>`` for a
   public request, ``<reply topic>/stream/<id>`` for a private one), seq from 0, ending with
-  ``done: true`` and an empty delta (plus ``error`` when the job failed);
+  ``done: true`` and an empty delta (plus ``error`` when the job failed); with ``chunk``
+  (``sentence``, or ``line`` with a ``width``) each delta is a whole sentence or line with its
+  ``index`` from 0, so a speaker or a sign never gets half a word;
+- its place on the progress topic (``{base}/progress/<id>``, or under a private reply topic):
+  ``{id, state: queued|running|done, position, eta_s, step, steps}``;
 - the final reply ``{id, status, data: {text, model, finish_reason, usage, ms}, error}``;
 - a plain-text copy on ``<reply topic>/text`` cut to ``max_bytes`` on a UTF-8 boundary for
   microcontrollers (an error becomes ``error: <message>`` there, so they are never left waiting);
@@ -31,10 +35,12 @@ from handlers.context import (
     engine_request_id,
     queue_sender,
 )
+from handlers.moderation import gated
 from handlers.payloads import ChatPayload, ImagePayload
-from handlers.reply import JobSink, Reply
+from handlers.reply import JobSink, ProgressTopic, Reply
 from npu.engine.api import ChatRequest, ChatResult, Delta, Done, EngineError, Failed, JobEvent
 from npu.llm.params import GenerationParams, max_prompt_chars
+from npu.sentences import Chunker
 
 logger = logging.getLogger(__name__)
 
@@ -103,15 +109,22 @@ class ChatSink(JobSink):
         self.ctx = ctx
         if req.max_bytes:
             reply.max_text_bytes = req.max_bytes
-        self.stream_topic = reply.route.stream_topic(ctx.topics, str(request_id)) if req.stream else None
+        streamed = req.stream or req.chunk is not None
+        self.stream_topic = reply.route.stream_topic(ctx.topics, str(request_id)) if streamed else None
+        self.progress = ProgressTopic(ctx.publish, reply.route.progress_topic(ctx.topics, str(request_id)),
+                                      request_id)
         self._seq = itertools.count()
+        # "chunk": whole sentences or lines on the stream, each with its index (npu/sentences.py)
+        self.chunker = Chunker(req.chunk, req.width) if req.chunk is not None else None
+        self._index = itertools.count()
 
     def _handle(self, event: JobEvent) -> None:
         if isinstance(event, Delta):
             if self.stream_topic is not None and event.text:
-                self._stream(event.text, done=False)
+                self._pieces(event.text)
         elif isinstance(event, Done):
             if self.stream_topic is not None:
+                self._pieces(None)
                 self._stream("", done=True)
             r = event.result
             assert isinstance(r, ChatResult)  # a chat job's result
@@ -131,11 +144,24 @@ class ChatSink(JobSink):
         elif isinstance(event, Failed):
             err = event.error
             if self.stream_topic is not None:
+                self._pieces(None)  # what was generated before the failure, whole
                 self._stream("", done=True, error=err.code.value)
             reply_engine_error(self.reply, err)
 
-    def _stream(self, delta: str, *, done: bool, error: str | None = None) -> None:
+    def _pieces(self, text: str | None) -> None:
+        """Stream ``text`` as it came, or, with ``chunk``, the whole units it completed (None: the
+        answer ended, so the units still held go out)."""
+        if self.chunker is None:
+            if text:
+                self._stream(text, done=False)
+            return
+        for unit in self.chunker.feed(text) if text is not None else self.chunker.flush():
+            self._stream(unit, done=False, index=next(self._index))
+
+    def _stream(self, delta: str, *, done: bool, error: str | None = None, index: int | None = None) -> None:
         body: dict[str, Any] = {"id": self.request_id, "seq": next(self._seq), "delta": delta, "done": done}
+        if index is not None:
+            body["index"] = index
         if error is not None:
             body["error"] = error
         assert self.stream_topic is not None
@@ -178,11 +204,17 @@ def handle_chat(req: ChatPayload, ctx: HandlerContext, reply: Reply, meta: Reque
     except ValueError as exc:
         raise HandlerError("bad_request", str(exc)) from exc
     sink = ChatSink(req, ctx, reply, request_id)
-    try:
-        ctx.engine.submit(request, sink)
-    except EngineError as err:
-        if not reply.sent:
-            reply_engine_error(reply, err)
-        return PENDING
-    logger.debug("chat %r queued (%s)", request_id, dataclasses.asdict(params))
+
+    def submit() -> None:
+        try:
+            ctx.engine.submit(request, sink)
+        except EngineError as err:
+            if not reply.sent:
+                reply_engine_error(reply, err)
+            return
+        logger.debug("chat %r queued (%s)", request_id, dataclasses.asdict(params))
+
+    typed = (req.prompt or "") if req.messages is None else "\n".join(m.content for m in req.messages)
+    gated(ctx.moderation, ctx.engine, "chat", typed, display=None, reply=reply, sender=meta.sender,
+          submit=submit)
     return PENDING

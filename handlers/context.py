@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from handlers.acceptance import JournalLike
 from npu.diffusion.image_encode import ImageFormat
 from npu.engine.api import EngineClient
+
+if TYPE_CHECKING:
+    from handlers.moderation import Gate
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ class TopicsLike(Protocol):
     def stream(self, request_id: str) -> str: ...
     def display(self, name: str) -> str: ...
     def display_meta(self, name: str) -> str: ...
+    def display_preview(self, name: str) -> str: ...
+    def progress(self, request_id: str) -> str: ...
     def audio(self, speaker: str) -> str: ...
     def audio_chunk(self, speaker: str) -> str: ...
     def sender_response(self, sender: str, kind: str) -> str: ...
@@ -85,6 +90,15 @@ class ImageDefaults:
     format: ImageFormat = "png"
     quality: int = 90
     max_bytes: int = 3_500_000
+    preview: bool = False  # JPEG previews on display/<name>/preview while a picture is made
+    preview_size: int = 256  # pixels on the preview's longer side
+    displays: Mapping[str, bool] = field(default_factory=dict)  # display -> previews on/off
+
+    def preview_for(self, display: str, asked: bool | None) -> int | None:
+        """The preview size for a picture on ``display`` (None: no previews): the request's
+        ``preview`` when given, else the display's rule, else ``preview``."""
+        wanted = asked if asked is not None else self.displays.get(display, self.preview)
+        return self.preview_size if wanted else None
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,7 @@ class HandlerContext:
     images: ImageDefaults = ImageDefaults()
     sim: Any = None  # the simulated card (``npu.device.sim.SimMonitor``) when device.backend is sim
     journal: JournalLike | None = None  # durable acceptance of chat and image requests
+    moderation: Gate | None = None  # the gate for public prompts (``moderation:``); None: off
 
 
 class HandlerError(Exception):

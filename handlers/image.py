@@ -4,7 +4,10 @@ The image goes, retained and as raw bytes, to ``{base}/display/<display>`` (MQTT
 set), then its description, retained JSON, to ``{base}/display/<display>/meta``; a display that
 connects later still shows the latest picture. The reply carries the description, never the bytes.
 With ``stream: true`` progress goes to the request's stream topic (``{base}/stream/<id>``, or under
-a private reply topic) as ``{id, stage, step, steps, done}``.
+a private reply topic) as ``{id, stage, step, steps, done}``. With ``preview`` (the request's, else
+the display's rule in ``images``), a small JPEG of the picture so far goes to
+``{base}/display/<display>/preview`` after each UNet step, not retained, and none after the
+final picture. The job's place in the queue goes to its progress topic, as for chat.
 """
 
 from __future__ import annotations
@@ -23,10 +26,20 @@ from handlers.context import (
     engine_request_id,
     queue_sender,
 )
+from handlers.moderation import gated
 from handlers.payloads import ImagePayload
-from handlers.reply import JobSink, Reply
+from handlers.reply import JobSink, ProgressTopic, Reply
 from npu.diffusion.params import ImageParams
-from npu.engine.api import Done, EngineError, Failed, ImageProgress, ImageRequest, ImageResult, JobEvent
+from npu.engine.api import (
+    Done,
+    EngineError,
+    Failed,
+    ImagePreview,
+    ImageProgress,
+    ImageRequest,
+    ImageResult,
+    JobEvent,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +66,16 @@ class ImageSink(JobSink):
         self.ctx = ctx
         self.display = display
         self.stream_topic = reply.route.stream_topic(ctx.topics, str(request_id)) if req.stream else None
+        self.progress = ProgressTopic(ctx.publish, reply.route.progress_topic(ctx.topics, str(request_id)),
+                                      request_id)
 
     def _handle(self, event: JobEvent) -> None:
         if isinstance(event, ImageProgress):
             self._progress({"stage": event.stage, "step": event.step, "steps": event.steps, "done": False})
+        elif isinstance(event, ImagePreview):
+            # Not retained: a display that connects later gets the finished picture, not a draft.
+            self.ctx.publish(self.ctx.topics.display_preview(self.display), event.data, qos=0, retain=False,
+                             properties={"content_type": event.content_type})
         elif isinstance(event, Done) and isinstance(event.result, ImageResult):
             out = event.result.output
             meta = image_meta(self.request_id, self.req.prompt, event.result, self.display)
@@ -94,13 +113,34 @@ def handle_image(req: ImagePayload, ctx: HandlerContext, reply: Reply, meta: Req
         format=req.format or defaults.format,
         quality=req.quality or defaults.quality, max_bytes=defaults.max_bytes,
     )
-    request = ImageRequest(params, model=req.model, deadline=deadline,
+    request = ImageRequest(params, preview=defaults.preview_for(display, req.preview), model=req.model,
+                           deadline=deadline,
                            request_id=engine_request_id(request_id, meta.sender),
                            sender=queue_sender(meta.sender))
     sink = ImageSink(req, ctx, reply, request_id, display)
-    try:
-        ctx.engine.submit(request, sink)
-    except EngineError as err:
-        if not reply.sent:
-            reply_engine_error(reply, err)
+
+    def submit() -> None:
+        try:
+            ctx.engine.submit(request, sink)
+        except EngineError as err:
+            if not reply.sent:
+                reply_engine_error(reply, err)
+
+    gated(ctx.moderation, ctx.engine, "image", req.prompt, display=display, reply=reply, sender=meta.sender,
+          submit=submit, refuse=lambda _: show_curtain(ctx, display, request_id))
     return PENDING
+
+
+def show_curtain(ctx: HandlerContext, display: str, request_id: str | int) -> None:
+    """A refused picture's display shows the curtain (retained, like a picture), and its
+    description says it was refused, never what was asked."""
+    gate = ctx.moderation
+    assert gate is not None
+    topics = ctx.topics
+    ctx.publish(topics.display(display), gate.curtain, qos=1, retain=True,
+                properties={"content_type": gate.curtain_type})
+    meta = {"id": request_id, "display": display, "refused": True, "content_type": gate.curtain_type,
+            "bytes": len(gate.curtain), "sha256": hashlib.sha256(gate.curtain).hexdigest(),
+            "created": int(time.time())}
+    ctx.publish(topics.display_meta(display), meta, qos=1, retain=True,
+                properties={"content_type": "application/json"})

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from npu.diffusion.params import SEED_BOUND as IMAGE_SEED
 from npu.json_input import JsonInputError, decode_utf8, first_invalid, loads
 from npu.llm.params import PARAM_BOUNDS
+from npu.sentences import MAX_WIDTH, MIN_WIDTH
 from npu.validation import bounded, describe_errors
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,10 @@ class ChatPayload(_Payload):
     stop: StrictStr | list[StrictStr] | None = None
     seed: Annotated[StrictInt | None, _bound("seed")] = None  # -1: random
     stream: bool = False
+    chunk: Literal["sentence", "line"] | None = Field(
+        default=None, description="stream whole sentences (speakers) or lines of `width` (signs)")
+    width: StrictInt | None = Field(default=None, ge=MIN_WIDTH, le=MAX_WIDTH,
+                                    description="characters per line (chunk line) or per sentence at most")
     max_bytes: StrictInt | None = Field(default=None, ge=1, le=MQTT_MAX_PACKET,
                                         description="cap of the plain-text copy")
     timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S,
@@ -84,6 +89,8 @@ class ChatPayload(_Payload):
     def _messages_or_prompt(self) -> ChatPayload:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give either messages or prompt (exactly one)")
+        if self.width is not None and self.chunk is None:
+            raise ValueError('width needs chunk ("sentence" or "line")')
         return self
 
 
@@ -99,6 +106,8 @@ class ImagePayload(_Payload):
     seed: Annotated[StrictInt | None, bounded(IMAGE_SEED)] = None  # -1: random
     guidance_scale: float = Field(default=1.0, ge=1.0, le=4.0)
     display: StrictStr | None = None
+    preview: bool | None = Field(default=None, description="JPEG previews on display/<name>/preview "
+                                 "after each step (default: images.preview for the display)")
     format: Literal["png", "jpeg"] | None = None
     quality: StrictInt | None = Field(default=None, ge=40, le=100)
     stream: bool = False

@@ -25,7 +25,7 @@ from typing import Any
 
 from handlers.acceptance import JournalLike, Outgoing
 from handlers.context import PublishFn, TopicsLike, default_text_bytes
-from npu.engine.api import JobEvent
+from npu.engine.api import Done, Failed, JobEvent, Place
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ class Route:
 
     def stream_topic(self, topics: TopicsLike, request_id: str) -> str:
         return topics.stream(request_id) if self.shared else f"{self.topic}/stream/{request_id}"
+
+    def progress_topic(self, topics: TopicsLike, request_id: str) -> str:
+        """Where the job's place and progress go: ``{base}/progress/<id>`` in public, else under
+        the private reply topic (a named sender's stays in ``replies/<sender>/``)."""
+        return topics.progress(request_id) if self.shared else f"{self.topic}/progress/{request_id}"
 
 
 def route_reply(
@@ -211,14 +216,57 @@ class JobSink:
         self.reply = reply
         self.request_id = request_id
         self._lock = threading.Lock()
+        self.progress: ProgressTopic | None = None  # set by a sink whose job reports its place
+        self.ended = False
 
     def __call__(self, event: JobEvent) -> None:
         try:
             with self._lock:
+                if isinstance(event, Place):
+                    if self.progress is not None and not self.ended:
+                        self.progress.place(event)
+                    return
+                if self.ended:
+                    return  # nothing follows a job's end (a preview or a place that raced it)
                 self._handle(event)
+                if isinstance(event, Done | Failed):
+                    self.ended = True
+                    if self.progress is not None:
+                        self.progress.done(event)
         except Exception:
             logger.exception("%s failed for id %r", type(self).__name__, self.request_id)
             self.reply.error("internal", "the appliance failed while answering; see its log")
 
     def _handle(self, event: JobEvent) -> None:
         raise NotImplementedError
+
+
+class ProgressTopic:
+    """A job's place (queued at a position, running) and its end, on its progress topic.
+
+    ``{id, state, position, eta_s, step, steps}``: ``state`` is ``queued`` (``position`` 1 = next,
+    ``eta_s`` the expected wait), ``running`` (``eta_s`` until it ends, ``step`` of ``steps``) or
+    ``done`` (with ``error``, the code, when it failed). QoS 0, not retained: a place is news only
+    while it is current. The engine sends places when they change, at most about once a second.
+    """
+
+    def __init__(self, publish: PublishFn, topic: str, request_id: str | int) -> None:
+        self.publish = publish
+        self.topic = topic
+        self.request_id = request_id
+
+    def place(self, event: Place) -> None:
+        self._send({"id": self.request_id, "state": event.state, "position": event.position,
+                    "eta_s": event.eta_s, "step": event.step, "steps": event.steps})
+
+    def done(self, event: Done | Failed) -> None:
+        body: dict[str, Any] = {"id": self.request_id, "state": "done", "position": None, "eta_s": 0.0}
+        if isinstance(event, Failed):
+            body["error"] = event.error.code.value
+        self._send(body)
+
+    def _send(self, body: dict[str, Any]) -> None:
+        try:
+            self.publish(self.topic, body, qos=0, retain=False)
+        except Exception:
+            logger.exception("could not publish progress on %s", self.topic)

@@ -57,3 +57,13 @@ def test_the_mosquitto_drop_in_verifies_with_debians_unit(tmp_path: Path) -> Non
     assert verify(tmp_path / "mosquitto.service", unit_path=tmp_path) == ""
     drop_in = read_unit(drop_in_file)
     assert "/etc/mosquitto/appliance/mosquitto.conf" in drop_in["Service"]["ExecStart"]
+
+
+def test_the_display_unit_verifies_and_opens_a_display_page_in_kiosk_mode() -> None:
+    path = UNITS / "appliance-display.service"
+    assert verify(path) == ""
+    unit = read_unit(path)
+    service = unit["Service"]
+    assert "/display/" in service["Environment"] and "--kiosk" in service["ExecStart"]
+    assert "--user-data-dir=%h/" in service["ExecStart"], "a kept profile keeps the key the page stored"
+    assert service["Restart"] == "always" and unit["Install"]["WantedBy"] == "graphical-session.target"

@@ -74,3 +74,4 @@ class ImageStep:
     step: int
     steps: int
     decoded: DecodedImage | None = None
+    latents: np.ndarray | None = None  # after a UNet step: the denoised estimate, for a preview

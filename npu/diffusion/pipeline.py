@@ -28,7 +28,7 @@ from npu.diffusion.params import (
     ImageStep,
     ImageTimings,
 )
-from npu.diffusion.scheduler import LATENT_SCALE, initial_latents, lcm_plan, lcm_step
+from npu.diffusion.scheduler import LATENT_SCALE, initial_latents, lcm_denoise, lcm_plan, lcm_renoise
 from npu.runtime.base import Session, TensorInfo
 from npu.runtime.factory import EXTENSIONS, open_sessions
 
@@ -166,9 +166,11 @@ class DiffusionPipeline:
             if uncond is not None:
                 free = self._unet(latents, t_emb, uncond)
                 noise = free + params.guidance_scale * (noise - free)
-            latents = lcm_step(step, noise, latents, rng)
+            denoised = lcm_denoise(step, noise, latents)  # as lcm_step, keeping the estimate to preview
+            latents = denoised if step.last else lcm_renoise(
+                step, denoised, rng.standard_normal(latents.shape, dtype=np.float32))
             unet_ms.append((time.monotonic() - started) * 1e3)
-            yield ImageStep("unet", i + 1, total)
+            yield ImageStep("unet", i + 1, total, latents=denoised)
 
         started = time.monotonic()
         decoded = self.vae.run(None, {self.vae_name: (latents / LATENT_SCALE).astype(self.vae_dtype)})[0]

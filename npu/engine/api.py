@@ -108,6 +108,7 @@ class ImageRequest:
     """Text to image. Images default to low priority: a waiting chat goes first."""
 
     params: ImageParams
+    preview: int | None = None  # a JPEG preview of this many pixels after each UNet step; None: none
     model: str | None = None
     priority: Priority = Priority.LOW
     deadline: float | None = None
@@ -167,6 +168,48 @@ class ImageProgress:
     stage: str
     step: int
     steps: int
+
+
+@dataclass(frozen=True)
+class ImagePreview:
+    """A small JPEG of an image job's latent after UNet ``step`` of ``steps`` (``ImageRequest.preview``)."""
+
+    data: bytes
+    step: int
+    steps: int
+    content_type: str = "image/jpeg"
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a job stands: ``queued`` at ``position`` (1 = next) or ``running``.
+
+    ``eta_s`` is the expected wait until it starts (queued) or until it ends (running), from the
+    engine's measured figures (``npu.engine.eta``); None until its model has finished a job.
+    ``step`` of ``steps``: a running chat's tokens of ``max_tokens``, an image's UNet steps.
+    Sent when the position changes, and at most about once a second otherwise.
+    """
+
+    state: Literal["queued", "running"]
+    position: int | None
+    eta_s: float | None
+    step: int | None = None
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """The queue as ``{base}/queue`` and ``GET /v1/queue`` show it: ``eta_s`` is when a request sent
+    now would start (None: not measured yet)."""
+
+    length: int
+    running: int
+    queue_max: int
+    eta_s: float | None
+    figures: dict[str, dict[str, dict[str, float]]]  # model -> phase -> measured figures
+
+
+Notice = ImagePreview | Place  # events a front door may show or drop; never a job's end
 
 
 @dataclass(frozen=True)
@@ -243,7 +286,7 @@ class Failed:
     error: EngineError
 
 
-JobEvent = Progress | Delta | ImageProgress | SpeechAudio | TranscriptSegment | Done | Failed
+JobEvent = Progress | Delta | ImageProgress | SpeechAudio | TranscriptSegment | Done | Failed | Notice
 Sink = Callable[[JobEvent], None]
 JobStatus = Literal["queued", "running", "done", "failed"]
 
@@ -374,3 +417,4 @@ class EngineClient(Protocol):
     def jobs(self) -> list[JobInfo]: ...
     def add_state_listener(self, listener: StateListener) -> None: ...
     def add_event_listener(self, listener: EventListener) -> None: ...
+    def queue(self) -> QueueInfo: ...

@@ -38,6 +38,7 @@ from npu.engine.events import Listeners
 from npu.engine.job import WorkerJob
 from npu.engine.kinds import ModelFacts, Runner, all_kinds, kind_for_request
 from npu.engine.metrics import EngineMetrics
+from npu.engine.places import Places, Plan, QueueInfo
 from npu.engine.queue import ANONYMOUS, JobQueue
 from npu.engine.recovery import Recovery
 from npu.engine.senders import SenderCounts, SenderGate
@@ -103,6 +104,7 @@ class Engine:
         self.jobs_done = 0
         self.jobs_failed = 0
         self.metrics = EngineMetrics(lambda: len(self._queue), lambda: self._taken)
+        self.places = Places()  # each job's place and wait, from measured figures (npu.engine.eta)
         self._senders = SenderGate(self.config.sender_limits, self.config.senders, self.metrics.registry,
                                    self._waiting_by_sender)
         self.workers = [self._new_worker(device_id) for device_id in device_ids]
@@ -415,7 +417,25 @@ class Engine:
     def add_state_listener(self, listener: StateListener) -> None:
         self._listeners.add_state(listener)
 
+    def queue(self) -> QueueInfo:
+        """The queue's length and when a request sent now would start (``{base}/queue``, ``/v1/queue``)."""
+        return self.places.info(self._plan(), self.config.queue_max)
+
+    def _plan(self) -> Plan:
+        """The waiting jobs in the queue's service order, and each worker's slots and running jobs."""
+        with self._lock:
+            waiting = self._queue.order()
+        devices = [(1 if w.thermal >= ThermalLevel.THROTTLE else w.max_active, w.active_jobs())
+                   for w in list(self.workers) if not w.abandoned]
+        return waiting, devices
+
     # called by workers -----------------------------------------------------------------------
+    def job_progress(self, job: WorkerJob, step: object, seconds: float) -> None:
+        """A worker started ``job`` (``step`` None) or ran one of its steps in ``seconds``."""
+        if step is not None:
+            self.places.step(job, step, seconds)
+        self.places.announce(self._plan, urgent=step is None)
+
     def next_job(self, worker: DeviceWorker, block: bool, timeout: float = 0.5) -> WorkerJob | None:
         """The highest-priority waiting job this worker may take, waiting up to ``timeout``."""
         with self._work:
@@ -579,6 +599,7 @@ class Engine:
             self.metrics.failure.labels(event.error.code.value).inc()
         else:
             job.kind.record(self.metrics, job.model_id, event)
+            self.places.learn(job, event.result)
         try:
             job.handle.finish(event)
         except Exception:
@@ -617,6 +638,7 @@ class Engine:
     def _notify_state(self, force: bool = False) -> None:
         """Hand the state to the listeners when it changed (or always, ``force``: a reconnect)."""
         self._listeners.notify(force)
+        self.places.announce(self._plan, urgent=True)  # the queue may have moved: new positions
 
     notify_state = _notify_state
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from npu.engine.api import EngineError, ErrorCode, JobHandle
@@ -22,6 +22,10 @@ class WorkerJob:
     attempts: int = 0  # starts after a device reset (a job is retried once)
     stream: Iterator[Any] | None = None  # the kind's steps, once a worker started the job
     taken: bool = False  # taken from the queue by a worker and not yet ended (the engine's count)
+    # Device seconds and steps spent per phase (``npu.engine.eta``), and the last place announced.
+    spent: dict[str, list[float]] = field(default_factory=dict)
+    place: Any = None
+    place_at: float = 0.0
 
 
 def expiry_error(job: WorkerJob, request_timeout: float, now: float) -> EngineError | None:

@@ -56,6 +56,7 @@ class WorkerHost(Protocol):
     def record_duration(self, seconds: float) -> None: ...
     def encode_later(self, work: Callable[[], None]) -> None: ...
     def device_fault(self, worker: DeviceWorker, reason: str) -> None: ...
+    def job_progress(self, job: WorkerJob, step: object, seconds: float) -> None: ...
     def notify_state(self, force: bool = False) -> None: ...
 
 
@@ -239,6 +240,7 @@ class DeviceWorker(threading.Thread):
         handle.status = "running"
         with self._active_lock:
             self._active.append(job)
+        self.engine.job_progress(job, None, 0.0)  # its place: running
 
     def _step(self, job: WorkerJob) -> None:
         handle = job.handle
@@ -265,6 +267,7 @@ class DeviceWorker(threading.Thread):
             return  # the step came back after the recovery took its job over
         now = time.monotonic()
         self._warn_slow_step(now - started)
+        self.engine.job_progress(job, resp, now - started)  # timed for the waiting-time figures
         self._apply(job, job.kind.advance(job, resp, now, self.engine.metrics), now)
 
     def _apply(self, job: WorkerJob, outcome: StepOutcome, now: float) -> None:

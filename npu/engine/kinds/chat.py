@@ -22,6 +22,7 @@ from npu.engine.api import (
     Progress,
 )
 from npu.engine.config import ModelSpec
+from npu.engine.eta import Work
 from npu.engine.job import WorkerJob
 from npu.engine.kinds import ModelFacts, StepOutcome
 from npu.engine.metrics import EngineMetrics
@@ -150,6 +151,26 @@ class ChatKind:
         model.cached_tokens.inc(result.usage.cached_tokens)
         model.e2e.observe(result.total_ms / 1e3)
         metrics.success.labels(model_id, result.finish_reason).inc()
+
+    # waiting times (npu.engine.eta): prefill up to the first token, then one decode step a token
+    def eta_phase(self, job: WorkerJob, step: GenerationResponse) -> str:
+        return "prefill" if state_of(job).tokens_counted == 0 else "decode"
+
+    def eta_work(self, job: WorkerJob) -> dict[str, Work]:
+        request = job.handle.request
+        assert isinstance(request, ChatRequest)
+        limit = max(0, request.params.max_tokens - 1)
+        return {"prefill": Work(len(state_of(job).prompt_ids)), "decode": Work(None, at_most=limit)}
+
+    def eta_units(self, job: WorkerJob, result: ChatResult) -> dict[str, float]:
+        usage = result.usage
+        return {"prefill": max(1, usage.prompt_tokens - usage.cached_tokens),
+                "decode": max(0, usage.completion_tokens - 1)}
+
+    def eta_progress(self, job: WorkerJob) -> tuple[int, int | None]:
+        request = job.handle.request
+        assert isinstance(request, ChatRequest)
+        return state_of(job).tokens_counted, request.params.max_tokens
 
 
 def count_tokens(job: WorkerJob, state: ChatState, total: int, now: float, metrics: EngineMetrics) -> None:

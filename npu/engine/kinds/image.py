@@ -13,16 +13,20 @@ from typing import Any
 from npu.diffusion.image_encode import ImageTooLarge
 from npu.diffusion.params import DecodedImage, ImageStep
 from npu.diffusion.pipeline import DiffusionPipeline, ImageRequestError, encode_decoded
+from npu.diffusion.preview import preview_jpeg
 from npu.engine.api import (
     Done,
     EngineError,
     ErrorCode,
     Failed,
+    ImagePreview,
     ImageProgress,
     ImageRequest,
     ImageResult,
+    JobEvent,
 )
 from npu.engine.config import ModelSpec
+from npu.engine.eta import Work
 from npu.engine.job import WorkerJob
 from npu.engine.kinds import ModelFacts, StepOutcome
 from npu.engine.metrics import EngineMetrics
@@ -70,7 +74,12 @@ class ImageKind:
 
     def advance(self, job: WorkerJob, step: ImageStep, now: float, metrics: EngineMetrics) -> StepOutcome:
         if step.decoded is None:
-            return StepOutcome(events=(ImageProgress(step.stage, step.step, step.steps),))
+            events: tuple[JobEvent, ...] = (ImageProgress(step.stage, step.step, step.steps),)
+            request = job.handle.request
+            assert isinstance(request, ImageRequest)
+            if request.preview and step.stage == "unet" and step.latents is not None:
+                events += (ImagePreview(preview_jpeg(step.latents, request.preview), step.step, step.steps),)
+            return StepOutcome(events=events)
         decoded = step.decoded
         return StepOutcome(later=lambda: encode(job, decoded))
 
@@ -85,6 +94,24 @@ class ImageKind:
     def record(self, metrics: EngineMetrics, model_id: str, done: Done) -> None:
         metrics.for_model(model_id).e2e.observe(done.result.total_ms / 1e3)
         metrics.success.labels(model_id, "image").inc()
+
+    # waiting times (npu.engine.eta): the phases are the pipeline's stages
+    def eta_phase(self, job: WorkerJob, step: ImageStep) -> str:
+        return step.stage
+
+    def eta_work(self, job: WorkerJob) -> dict[str, Work]:
+        return {phase: Work(units) for phase, units in self.eta_units(job, None).items()}
+
+    def eta_units(self, job: WorkerJob, result: object) -> dict[str, float]:
+        request = job.handle.request
+        assert isinstance(request, ImageRequest)
+        passes = 2 if request.params.guidance_scale > 1.0 else 1  # guided: the UNet runs twice a step
+        return {"text": passes, "unet": request.params.steps * passes, "vae": 1}
+
+    def eta_progress(self, job: WorkerJob) -> tuple[int, int | None]:
+        request = job.handle.request
+        assert isinstance(request, ImageRequest)
+        return int(job.spent.get("unet", [0.0, 0.0])[1]), request.params.steps
 
 
 def encode(job: WorkerJob, decoded: DecodedImage) -> Done | Failed:

@@ -1,0 +1,145 @@
+"""Each job's place (queued at a position, or running) and its expected wait, sent to its sink.
+
+The engine asks the queue for its service order (``JobQueue.order``) and the workers for the jobs
+they step, and ``npu.engine.eta`` plays them forward with the measured figures. A job hears of its
+place as a ``Place`` event: when its position changes (at once), when it starts running (at once),
+and otherwise at most once every ``every`` seconds when its estimate moved, so a queue of thirty
+does not flood the broker. A job's kind tells the phases of its steps and the work it will do
+(``eta_phase``, ``eta_work``, ``eta_units``, ``eta_progress``); a kind without them runs as
+usual, its places carry no ``eta_s``, and the jobs behind it none either.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from npu.engine.api import ChatResult, ImageResult, Place, QueueInfo
+from npu.engine.eta import Figures, Planned, forecast
+from npu.engine.job import WorkerJob
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Places", "Plan", "QueueInfo"]
+
+# The waiting jobs in service order, and per worker its slot count and the jobs it steps.
+Plan = tuple[list[WorkerJob], list[tuple[int, list[WorkerJob]]]]
+MOVED_S = 1.0  # an estimate that moved less than this is not sent again
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+class Places:
+    def __init__(self, every: float = 1.0) -> None:
+        self.figures = Figures()
+        self.every = every
+        self._lock = threading.Lock()  # one announcement at a time, so places arrive in order
+        self._last = 0.0
+
+    # the figures ------------------------------------------------------------------------------
+    def step(self, job: WorkerJob, step: object, seconds: float) -> None:
+        """A worker ran one step of ``job`` in ``seconds``: add them to its phase."""
+        phase_of = getattr(job.kind, "eta_phase", None)
+        if phase_of is None:
+            return
+        spent = job.spent.setdefault(str(phase_of(job, step)), [0.0, 0.0])
+        spent[0] += seconds
+        spent[1] += 1
+
+    def learn(self, job: WorkerJob, result: ChatResult | ImageResult | Any) -> None:
+        """A job ended well: its phases' device time per unit of work feeds the figures. A job
+        retried after a reset is left out (its time includes the lost run)."""
+        units_of = getattr(job.kind, "eta_units", None)
+        if units_of is None or job.attempts:
+            return
+        try:
+            units = units_of(job, result)
+        except Exception:
+            logger.exception("the work of job %s could not be counted", job.handle.id)
+            return
+        for phase, (seconds, steps) in job.spent.items():
+            done = units.get(phase, 0)
+            if done > 0:
+                self.figures.learn(job.model_id, phase, float(done), seconds, int(steps))
+
+    def _planned(self, job: WorkerJob, running: bool) -> Planned:
+        work_of = getattr(job.kind, "eta_work", None)
+        cost = self.figures.cost(job.model_id, work_of(job)) if work_of is not None else None
+        if cost is None:
+            return Planned(id(job), None, None)
+        seconds, steps = cost
+        if running:
+            spent_s = sum(s for s, _ in job.spent.values())
+            spent_n = sum(n for _, n in job.spent.values())
+            per_step = seconds / steps
+            steps = max(1.0, steps - spent_n)
+            seconds = max(per_step, seconds - spent_s)
+        return Planned(id(job), seconds, steps)
+
+    # the forecast -----------------------------------------------------------------------------
+    def forecast(self, plan: Plan) -> tuple[dict[object, float | None], dict[object, float | None],
+                                            float | None]:
+        waiting, devices = plan
+        result = forecast(
+            [(slots, [self._planned(j, True) for j in running]) for slots, running in devices],
+            [self._planned(j, False) for j in waiting],
+        )
+        return result.starts, result.ends, result.next_free
+
+    def info(self, plan: Plan, queue_max: int) -> QueueInfo:
+        waiting, devices = plan
+        _, _, next_free = self.forecast(plan)
+        return QueueInfo(length=len(waiting), running=sum(len(r) for _, r in devices), queue_max=queue_max,
+                         eta_s=_round(next_free), figures=self.figures.as_dict())
+
+    # announcing -------------------------------------------------------------------------------
+    def announce(self, plan_of: Callable[[], Plan], urgent: bool = False) -> None:
+        """Send every job whose place changed its new place. ``urgent``: the queue changed or a job
+        started, so positions go out now; else (after a step) at most every ``every`` seconds."""
+        now = time.monotonic()
+        if not urgent and now - self._last < self.every:
+            return
+        with self._lock:
+            self._last = now
+            plan = plan_of()
+            waiting, devices = plan
+            starts, ends, _ = self.forecast(plan)
+            for i, job in enumerate(waiting):
+                self._send(job, Place("queued", i + 1, _round(starts.get(id(job)))), now)
+            for _, running in devices:
+                for job in running:
+                    step, steps = self._progress(job)
+                    self._send(job, Place("running", None, _round(ends.get(id(job))), step, steps), now)
+
+    @staticmethod
+    def _progress(job: WorkerJob) -> tuple[int | None, int | None]:
+        progress_of = getattr(job.kind, "eta_progress", None)
+        if progress_of is None:
+            return None, None
+        step, steps = progress_of(job)
+        return int(step), None if steps is None else int(steps)
+
+    def _send(self, job: WorkerJob, place: Place, now: float) -> None:
+        last: Place | None = job.place
+        if last is not None and last.state == place.state and last.position == place.position:
+            if now - job.place_at < self.every:
+                return
+            before, after = last.eta_s, place.eta_s
+            moved = (before is None) != (after is None) or (
+                before is not None and after is not None and abs(before - after) >= MOVED_S)
+            if not moved and last.step == place.step:
+                return
+        handle = job.handle
+        if handle.status in ("done", "failed") or handle.cancelled:
+            return
+        job.place, job.place_at = place, now
+        try:
+            handle.sink(place)
+        except Exception:
+            logger.exception("sink of job %s failed on its place", handle.id)
+
