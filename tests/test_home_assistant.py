@@ -364,3 +364,15 @@ def test_turning_discovery_off_removes_the_device(ha: HomeAssistant, stack: Stac
     stack.run(discovery=False)
     ha.wait_states(dict.fromkeys({**ENTITIES, **PICTURE}, GONE))
     assert ha.template(f"{{{{ device_attr('{device}', 'name') }}}}") == "None"
+
+
+def test_the_set_up_says_why_the_test_is_skipped_where_no_python_313_exists(tmp_path: Path) -> None:
+    """No 3.13 on PATH, no pyenv: ensure_home_assistant says so, installs nothing and succeeds."""
+    if Path("/usr/bin/python3.13").exists():
+        pytest.skip("this machine has Debian's python3.13, so the set-up would use it")
+    script = f'source "{ROOT}/scripts/lib/setup.sh"; HA_DIR="{tmp_path}/ha"; ensure_home_assistant'
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert "no Python 3.13 or newer here: the Home Assistant test will be skipped" in done.stderr
+    assert not (tmp_path / "ha").exists()
