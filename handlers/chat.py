@@ -38,8 +38,10 @@ from handlers.context import (
 from handlers.moderation import gated
 from handlers.payloads import ChatPayload, ImagePayload
 from handlers.reply import JobSink, ProgressTopic, Reply
-from npu.engine.api import ChatRequest, ChatResult, Delta, Done, EngineError, Failed, JobEvent
+from handlers.spoken import SpokenAnswer
+from npu.engine.api import ChatRequest, ChatResult, Delta, Done, EngineError, Failed, JobEvent, Sink
 from npu.llm.params import GenerationParams, max_prompt_chars
+from npu.speech.voices import resolve_voice
 from npu.sentences import Chunker
 
 logger = logging.getLogger(__name__)
@@ -173,6 +175,16 @@ def reply_engine_error(reply: Reply, err: EngineError) -> None:
     reply.error(err.code.value, err.message, retry_after=err.retry_after)
 
 
+def spoken_answer(sink: Sink, req: ChatPayload, ctx: HandlerContext, request_id: str | int,
+                  meta: RequestMeta) -> Sink:
+    assert req.speak is not None
+    try:
+        voice = resolve_voice(req.voice, [m.id for m in ctx.engine.models() if m.kind == "tts"])
+        return SpokenAnswer(sink, ctx, req.speak, request_id, voice, queue_sender(meta.sender))
+    except ValueError as exc:
+        raise HandlerError("bad_request", str(exc)) from exc
+
+
 def handle_chat(req: ChatPayload, ctx: HandlerContext, reply: Reply, meta: RequestMeta) -> Any:
     """Submit the chat job; the sink completes ``reply`` later, so this returns ``PENDING``."""
     request_id = reply.request_id
@@ -203,7 +215,9 @@ def handle_chat(req: ChatPayload, ctx: HandlerContext, reply: Reply, meta: Reque
         )
     except ValueError as exc:
         raise HandlerError("bad_request", str(exc)) from exc
-    sink = ChatSink(req, ctx, reply, request_id)
+    sink: Sink = ChatSink(req, ctx, reply, request_id)
+    if req.speak is not None:  # spoken sentence by sentence as it is written
+        sink = spoken_answer(sink, req, ctx, request_id, meta)
 
     def submit() -> None:
         try:

@@ -84,6 +84,9 @@ class ChatPayload(_Payload):
                                         description="cap of the plain-text copy")
     timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S,
                                     description="deadline relative to receipt")
+    speak: StrictStr | None = Field(default=None, description="a speaker: the answer is spoken there, "
+                                    "sentence by sentence as it is written (handlers/spoken.py)")
+    voice: StrictStr | None = Field(default=None, description="the voice that speaks it (with speak)")
 
     @model_validator(mode="after")
     def _messages_or_prompt(self) -> ChatPayload:

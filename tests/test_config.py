@@ -98,7 +98,8 @@ def test_typo_in_nested_and_list_sections(tmp_path: Path) -> None:
 
 def test_unknown_section(tmp_path: Path) -> None:
     message = problems(tmp_path, {"mqttt": {"port": 1}})
-    allowed = "mqtt, http, device, engine, telemetry, images, homeassistant, voice, journal, moderation, models"
+    allowed = ("mqtt, http, device, engine, telemetry, images, homeassistant, voice, journal, moderation, "
+               "models")
     assert f"mqttt: unknown section; allowed: {allowed}" in message
 
 

@@ -231,6 +231,35 @@ def test_a_microphone_streams_an_utterance_and_gets_its_transcript(
         mqtt.close()
 
 
+def test_a_chat_answer_is_spoken_sentence_by_sentence(voice_app: tuple[Appliance, str, str],
+                                                      mqtt_broker) -> None:  # type: ignore[no-untyped-def]
+    app, base, _ = voice_app
+    mqtt = Client(mqtt_broker.port)
+    try:
+        mqtt.subscribe(f"{base}/audio/hall", f"{base}/audio/hall/chunk", f"{base}/response/chat")
+        mqtt.publish(f"{base}/request/chat", {"id": "c1", "prompt": "Describe the sea in three sentences.",
+                                              "max_tokens": 80, "temperature": 0, "speak": "hall"})
+        mqtt.wait(lambda: bool(mqtt.messages[f"{base}/response/chat"]))
+        reply = mqtt.json(f"{base}/response/chat")[0]
+        assert reply["status"] == "ok", reply
+        ends = lambda: [json.loads(m.payload) for m in mqtt.messages[f"{base}/audio/hall/chunk"]  # noqa: E731
+                        if m.payload.startswith(b'{"event"') and json.loads(m.payload)["event"] == "end"]
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", reply["data"]["text"].strip()) if s]
+        mqtt.wait(lambda: len(ends()) >= len(sentences) >= 1)
+        assert [e["index"] for e in ends()] == list(range(len(ends()))), "spoken in order"
+        assert all(e["id"] == "c1" and e["rate"] == 22050 for e in ends())
+        mqtt.wait(lambda: len(mqtt.messages[f"{base}/audio/hall"]) >= len(ends()))
+        assert len(mqtt.messages[f"{base}/audio/hall"]) == len(ends()), "one WAV per sentence"
+        first_wav = mqtt.messages[f"{base}/audio/hall"][0].timestamp
+        assert first_wav < mqtt.messages[f"{base}/response/chat"][0].timestamp + 5
+        mqtt.publish(f"{base}/request/chat", {"id": "c2", "prompt": "Hi", "speak": "hall", "voice": "robot"})
+        mqtt.wait(lambda: len(mqtt.messages[f"{base}/response/chat"]) >= 2)
+        error = mqtt.json(f"{base}/response/chat")[1]
+        assert error["status"] == "error" and "unknown voice 'robot'" in error["error"]["message"]
+    finally:
+        mqtt.close()
+
+
 def test_an_utterance_does_not_wait_behind_long_answers(voice_app: tuple[Appliance, str, str]) -> None:
     """Two long chats fill the device's slots (max_active 2); speech starts between their tokens
     instead of waiting for one of them to end."""
