@@ -46,7 +46,7 @@ from handlers.registry import Dispatcher
 from handlers.reply import publish_all
 from handlers.speech import Listening
 from npu.device.sim import SimMonitor
-from npu.engine.api import EngineState, ImageResult
+from npu.engine.api import EngineState, ImagePreview, ImageResult
 from npu.engine.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class Appliance:
             images=config.image_defaults(),
             sim=self.monitor if isinstance(self.monitor, SimMonitor) else None,
             journal=self.journal,
-            moderation=make_gate(config, self.event, self.engine.registry),
+            moderation=make_gate(config, self.engine.emit_event, self.engine.registry),  # MQTT and console
         )
         self.telemetry = TelemetryJob(
             self.engine, self.health, self.link.publish, self.topics, self.started_at
@@ -126,6 +126,7 @@ class Appliance:
             http_app = create_app(self.engine, settings)
             self.ui = http_app.state.ui
             self.ui.display_out = self.show_on_display  # a console picture goes to the display's topic
+            self.ui.preview_out = self.preview_on_display
             self.display_feed = DisplayFeed(config.mqtt, self.topics, self.ui.displays)
             self.http = HttpServer(http_app, config.http.host, config.http.port)
 
@@ -334,6 +335,11 @@ class Appliance:
                           properties={"content_type": out.content_type})
         self.link.publish(self.topics.display_meta(display), image_meta("console", prompt, result, display),
                           qos=1, retain=True, properties={"content_type": "application/json"})
+
+    def preview_on_display(self, display: str, preview: ImagePreview) -> None:
+        """A console picture's step preview, on its display's preview topic (not retained)."""
+        self.link.publish(self.topics.display_preview(display), preview.data, qos=0, retain=False,
+                          properties={"content_type": preview.content_type})
 
     def event(self, name: str, **fields: Any) -> None:
         payload = {"event": name, "ts": round(time.time(), 3), **fields}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Annotated, Any
 
@@ -38,8 +38,8 @@ from bridge_http.image_schemas import SIZE
 from bridge_http.images import image_jobs
 from bridge_http.jobs import JobGroup
 from bridge_http.live import LiveFeed
-from npu.diffusion.params import DEFAULT_STEPS, ImageParams
-from npu.engine.api import Done, EngineClient, Failed, ImageProgress, ImageResult
+from npu.diffusion.params import DEFAULT_STEPS
+from npu.engine.api import Done, EngineClient, Failed, ImagePreview, ImageProgress, ImageResult
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
        "connect-src 'self'; font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; "
@@ -59,6 +59,8 @@ DISPLAY_NAME = re.compile(r"^[\w.-]{1,64}$")
 # Hands a console picture to a display: the appliance publishes it on the display's MQTT topic
 # (and the board gets it back from the broker); without MQTT the board shows it directly.
 DisplayOut = Callable[[str, str, ImageResult], None]
+PreviewOut = Callable[[str, ImagePreview], None]  # the same for a step preview (display/<name>/preview)
+PREVIEW_PIXELS = 256  # a console preview's longer side, as images.preview_size's default
 
 
 @dataclass
@@ -66,6 +68,7 @@ class UI:
     live: LiveFeed
     displays: DisplayBoard
     display_out: DisplayOut | None = None
+    preview_out: PreviewOut | None = None
 
 
 def ui_of(request: Request) -> UI:
@@ -229,8 +232,9 @@ async def console_image(body: ConsoleImage, request: Request) -> StreamingRespon
     match = SIZE.match(body.size or "")
     width, height = (int(match[1]), int(match[2])) if match else (None, None)
     jobs = image_jobs(1, body.seed, body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
-                      width=width, height=height, steps=body.steps or DEFAULT_STEPS, format="png",
-                      **preview_field(body.preview))
+                      width=width, height=height, steps=body.steps or DEFAULT_STEPS, format="png")
+    if body.preview:
+        jobs = [replace(job, preview=PREVIEW_PIXELS) for job in jobs]
     group = JobGroup(bridge.engine)
     await group.submit(jobs)  # a refusal is an error answer before the stream starts
 
@@ -243,10 +247,11 @@ async def console_image(body: ConsoleImage, request: Request) -> StreamingRespon
                 event = item[1]
                 if isinstance(event, ImageProgress):
                     yield sse("progress", {"stage": event.stage, "step": event.step, "steps": event.steps})
-                    preview = getattr(event, "preview", None)
-                    if isinstance(preview, bytes | bytearray) and preview:
-                        yield sse("preview", {"src": data_url(bytes(preview), "image/jpeg"),
-                                              "step": event.step})
+                elif isinstance(event, ImagePreview):
+                    yield sse("preview", {"src": data_url(event.data, event.content_type), "step": event.step,
+                                          "steps": event.steps})
+                    if body.display is not None:
+                        show_preview(ui, body.display, event)
                 elif isinstance(event, Done) and isinstance(event.result, ImageResult):
                     yield sse("done", finished(bridge, ui, body, event.result))
                 elif isinstance(event, Failed):
@@ -257,9 +262,12 @@ async def console_image(body: ConsoleImage, request: Request) -> StreamingRespon
     return StreamingResponse(stream(), media_type="text/event-stream", headers=STREAM_HEADERS)
 
 
-def preview_field(wanted: bool) -> dict[str, Any]:
-    """``preview`` for ``ImageParams`` where the engine makes step previews, else nothing."""
-    return {"preview": wanted} if wanted and any(f.name == "preview" for f in fields(ImageParams)) else {}
+def show_preview(ui: UI, display: str, preview: ImagePreview) -> None:
+    if ui.preview_out is not None:
+        ui.preview_out(display, preview)
+    else:
+        ui.displays.preview(display, preview.data, preview.content_type,
+                            {"step": preview.step, "steps": preview.steps})
 
 
 def data_url(data: bytes, content_type: str) -> str:

@@ -357,6 +357,9 @@ def test_the_display_page_swaps_pictures_and_comes_back_after_restarts(
         page.fill("#image-display", "lobby")
         page.click("#image-send")
         page.wait_for_selector("#image-result[data-done=true]", timeout=120_000)
+        assert page.get_attribute("#image-preview-img", "data-count") == "4", "a preview after each step"
+        assert str(page.get_attribute("#image-preview-img", "src")).startswith("data:image/jpeg;base64,")
+        assert kiosk.evaluate("Number(document.body.dataset.previews || 0)") >= 1, "the display saw them too"
         assert page.evaluate("document.getElementById('image-result').naturalWidth") == 64
         src = page.get_attribute("#image-result", "src")
         first = hashlib.sha256(httpx.get(rig.url + str(src), timeout=10).content).hexdigest()

@@ -309,6 +309,7 @@
     note.textContent = "waiting…";
     note.className = "note";
     result.dataset.done = "false";
+    preview.dataset.count = "0";
     try {
       const response = await fetch("/console/image", {
         method: "POST", body: JSON.stringify(body),
@@ -325,6 +326,7 @@
         } else if (name === "preview") {
           preview.src = data.src;
           preview.hidden = false;
+          preview.dataset.count = String(Number(preview.dataset.count || 0) + 1);
         } else if (name === "done") {
           progress.value = 1;
           result.src = data.src;
