@@ -41,8 +41,8 @@ from handlers.reply import JobSink, ProgressTopic, Reply
 from handlers.spoken import SpokenAnswer
 from npu.engine.api import ChatRequest, ChatResult, Delta, Done, EngineError, Failed, JobEvent, Sink
 from npu.llm.params import GenerationParams, max_prompt_chars
-from npu.speech.voices import resolve_voice
 from npu.sentences import Chunker
+from npu.speech.voices import resolve_voice
 
 logger = logging.getLogger(__name__)
 

@@ -233,7 +233,7 @@ def test_a_microphone_streams_an_utterance_and_gets_its_transcript(
 
 def test_a_chat_answer_is_spoken_sentence_by_sentence(voice_app: tuple[Appliance, str, str],
                                                       mqtt_broker) -> None:  # type: ignore[no-untyped-def]
-    app, base, _ = voice_app
+    _, base, _ = voice_app
     mqtt = Client(mqtt_broker.port)
     try:
         mqtt.subscribe(f"{base}/audio/hall", f"{base}/audio/hall/chunk", f"{base}/response/chat")
