@@ -17,6 +17,13 @@ from bridge_http.jobs import JobGroup
 from bridge_http.params import chat_requests, check_prompt_chars, completion_requests
 from bridge_http.schemas import ChatCompletionRequest, CompletionRequest
 from bridge_http.streaming import SSE_HEADERS, chat_format, collect, stream_sse, text_format
+from bridge_http.structured import (
+    add_text_logprobs,
+    chat_response,
+    structure_chat_stream,
+    structure_text_stream,
+    with_structure,
+)
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -28,16 +35,18 @@ async def handle_chat_completions(body: ChatCompletionRequest, request: Request)
     model = bridge.model_id(body.model)
     jobs = chat_requests(body, cid, bridge.settings.max_n, bridge.context_length(model),
                          sender=bridge.sender_of(request))
+    jobs = with_structure(body, jobs)  # response_format, tools, logit_bias, logprobs
     group = JobGroup(bridge.engine)
     await group.submit(jobs)
     if body.stream:
         fmt = chat_format(cid, created, model, len(jobs), body.include_usage)
+        fmt = structure_chat_stream(fmt, body, cid, created, model)
         return StreamingResponse(
             stream_sse(group, fmt, bridge.settings.ping_interval, bridge.settings.progress_ping_interval),
             media_type="text/event-stream", headers=SSE_HEADERS,
         )
     results = await collect(group, request, len(jobs))
-    return JSONResponse(shapes.chat_completion(cid, created, model, results))
+    return JSONResponse(chat_response(cid, created, model, results, body))
 
 
 @router.post("/v1/completions")
@@ -52,13 +61,16 @@ async def handle_completions(body: CompletionRequest, request: Request) -> Respo
                                sender=bridge.sender_of(request))
     prompts = body.prompts()
     echoes = [p if body.echo else "" for p in prompts for _ in range(body.n)]
+    jobs = with_structure(body, jobs)  # logit_bias, logprobs
     group = JobGroup(bridge.engine)
     await group.submit(jobs)
     if body.stream:
         fmt = text_format(cid, created, model, echoes, len(prompts), body.include_usage)
+        fmt = structure_text_stream(fmt, body, cid, created, model)
         return StreamingResponse(
             stream_sse(group, fmt, bridge.settings.ping_interval, bridge.settings.progress_ping_interval),
             media_type="text/event-stream", headers=SSE_HEADERS,
         )
     results = await collect(group, request, len(jobs))
-    return JSONResponse(shapes.text_completion(cid, created, model, results, echoes, len(prompts)))
+    response = shapes.text_completion(cid, created, model, results, echoes, len(prompts))
+    return JSONResponse(add_text_logprobs(response, results, body, echoes))

@@ -1,8 +1,10 @@
 """The OpenAI request bodies the bridge accepts, as pydantic models.
 
 Unknown fields are ignored, as OpenAI clients expect (they send ``user``, ``metadata``,
-``store``...). Known fields this appliance cannot honour (tools, logprobs, JSON mode, images) are
-refused with a message naming the field, rather than silently producing something else. Numeric
+``store``...). Known fields this appliance cannot honour (images, audio, ``suffix``) are refused
+with a message naming the field, rather than silently producing something else. Structured output
+(``response_format``, ``tools``, ``logit_bias``, ``logprobs``) is enforced by the sampler
+(``bridge_http/structured.py``). Numeric
 controls are held to the ranges of ``npu.llm.params.PARAM_BOUNDS``, and numbers must be finite.
 """
 
@@ -39,10 +41,25 @@ class ImagePart(RequestModel):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(RequestModel):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallIn(RequestModel):
+    """An earlier answer's call, as the client sends it back."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: which call this is the result of
 
     @field_validator("content")
     @classmethod
@@ -63,24 +80,62 @@ class ChatMessage(RequestModel):
             return self.content
         return "\n".join(p.text for p in self.content if isinstance(p, TextPart))
 
-    def for_template(self) -> dict[str, str]:
+    def for_template(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
+        message: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.role == "tool" and self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class ResponseFormat(RequestModel):
-    type: str = "text"
+class JsonSchemaFormat(RequestModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # every schema is enforced, strict or not
 
-    @field_validator("type")
-    @classmethod
-    def _text(cls, kind: str) -> str:
-        if kind != "text":
-            raise ValueError(f"response_format {kind!r} is not supported; only 'text'")
-        return kind
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object ({name, schema, strict})")
+        return self
+
+
+class FunctionDef(RequestModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(RequestModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]
 
 
 class SamplingFields(RequestModel):
@@ -126,18 +181,13 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int | None, _bound("max_tokens")] = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: LogitBias | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     enable_thinking: bool = False  # for reasoning models whose template knows the switch
-
-    @model_validator(mode="after")
-    def _unsupported(self) -> ChatCompletionRequest:
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
-        if self.tools:
-            raise ValueError("tools (function calling) are not supported by this appliance")
-        return self
 
     @property
     def token_limit(self) -> int | None:
@@ -148,14 +198,13 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(min_length=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: LogitBias | None = None
     suffix: str | None = None
     best_of: int | None = None
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
         if self.suffix:
             raise ValueError("suffix (insertion) is not supported")
         if self.best_of is not None and self.best_of != self.n:

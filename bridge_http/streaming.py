@@ -39,6 +39,10 @@ class StreamFormat:
     choices: int = 1
     include_usage: bool = False
     results: dict[int, ChatResult] = field(default_factory=dict)
+    # Structured output (bridge_http/structured.py): the chunks of one delta (tool calls,
+    # logprobs) and of a choice's end, in place of ``delta`` and ``finish``.
+    event_chunks: Callable[[int, Delta], list[dict[str, Any]]] | None = None
+    closing: Callable[[int, ChatResult], list[dict[str, Any]]] | None = None
 
 
 def chat_format(cid: str, created: int, model: str, choices: int, include_usage: bool) -> StreamFormat:
@@ -87,7 +91,10 @@ async def stream_sse(
                 yield shapes.PING
                 continue
             index, event = item
-            if isinstance(event, Delta):
+            if isinstance(event, Delta) and fmt.event_chunks is not None:
+                for chunk in fmt.event_chunks(index, event):
+                    yield shapes.sse(chunk)
+            elif isinstance(event, Delta):
                 yield shapes.sse(fmt.delta(index, event.text))
             elif isinstance(event, Progress):
                 if time.monotonic() - last_ping >= progress_ping_every:
@@ -100,7 +107,9 @@ async def stream_sse(
                 result = event.result
                 assert isinstance(result, ChatResult)  # a chat job's result
                 fmt.results[index] = result
-                yield shapes.sse(fmt.finish(index, result.finish_reason))
+                for chunk in (fmt.closing(index, result) if fmt.closing is not None
+                              else [fmt.finish(index, result.finish_reason)]):
+                    yield shapes.sse(chunk)
             elif isinstance(event, Failed):
                 group.cancel()
                 yield shapes.sse(OpenAIError.from_engine(event.error).body)

@@ -39,6 +39,7 @@ from handlers.moderation import gated
 from handlers.payloads import ChatPayload, ImagePayload
 from handlers.reply import JobSink, ProgressTopic, Reply
 from handlers.spoken import SpokenAnswer
+from handlers.structured import is_json_request, structured_data, with_constraint
 from npu.engine.api import ChatRequest, ChatResult, Delta, Done, EngineError, Failed, JobEvent, Sink
 from npu.llm.params import GenerationParams, max_prompt_chars
 from npu.sentences import Chunker
@@ -109,6 +110,7 @@ class ChatSink(JobSink):
     def __init__(self, req: ChatPayload, ctx: HandlerContext, reply: Reply, request_id: str | int) -> None:
         super().__init__(reply, request_id)
         self.ctx = ctx
+        self.json_answer = is_json_request(req)
         if req.max_bytes:
             reply.max_text_bytes = req.max_bytes
         streamed = req.stream or req.chunk is not None
@@ -142,6 +144,7 @@ class ChatSink(JobSink):
                     "cached_tokens": usage.cached_tokens,
                 },
                 "ms": round(r.total_ms, 1),
+                **structured_data(r, self.json_answer),
             }, text=r.text)
         elif isinstance(event, Failed):
             err = event.error
@@ -192,6 +195,7 @@ def handle_chat(req: ChatPayload, ctx: HandlerContext, reply: Reply, meta: Reque
         raise HandlerError("bad_request", "a chat request needs an id")
     check_chat_id(request_id)
     params = build_params(req)
+    params = with_constraint(params, req)  # schema, format, choices
     deadline = deadline_for(req, meta.received_at, meta.message_expiry, ctx.limits.request_timeout)
     if deadline is not None and deadline <= time.monotonic():
         raise HandlerError("expired", "the request expired before it could be queued")

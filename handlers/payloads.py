@@ -80,6 +80,11 @@ class ChatPayload(_Payload):
         default=None, description="stream whole sentences (speakers) or lines of `width` (signs)")
     width: StrictInt | None = Field(default=None, ge=MIN_WIDTH, le=MAX_WIDTH,
                                     description="characters per line (chunk line) or per sentence at most")
+    # Structured answers (handlers/structured.py): at most one of the three.
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema",
+                                               description="a JSON Schema the answer must validate against")
+    format: Literal["json"] | None = Field(default=None, description='"json": the answer is one JSON object')
+    choices: list[StrictStr] | None = Field(default=None, description="the answer is exactly one of these")
     max_bytes: StrictInt | None = Field(default=None, ge=1, le=MQTT_MAX_PACKET,
                                         description="cap of the plain-text copy")
     timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S,

@@ -153,8 +153,8 @@ class CallDelta:
 class ToolCallStream:
     """Streamed answer text -> OpenAI's tool-call deltas (name first, then pieces of arguments).
 
-    ``feed`` returns None while the answer is not known to be calls, and once it is known to be
-    words; the caller then streams the text as content.
+    While the start of the answer could still open a call, nothing is sent; once it is known to
+    be words, ``feed`` returns the text to stream as content.
     """
 
     def __init__(self) -> None:
@@ -165,18 +165,24 @@ class ToolCallStream:
         self._args_at: int | None = None  # where the current call's arguments start
         self._sent = 0  # arguments characters sent of the current call
 
-    def feed(self, text: str) -> list[CallDelta] | None:
+    def feed(self, text: str) -> list[CallDelta] | str:
+        """Call deltas, or (an answer in words) the text to send now as content."""
+        if self.is_calls is False:
+            return text
         self.buffer += text
         if self.is_calls is None:
             head = self.buffer.lstrip()
-            if not head:
-                return []
-            if OPEN.startswith(head[: len(OPEN)]) and len(head) < len(OPEN):
+            if not head or (OPEN.startswith(head) and len(head) < len(OPEN)):
                 return []
             self.is_calls = head.startswith(OPEN)
-        return self._deltas(final=False) if self.is_calls else None
+            if not self.is_calls:
+                return self.buffer
+        return self._deltas(final=False)
 
-    def finish(self) -> list[CallDelta]:
+    def finish(self) -> list[CallDelta] | str:
+        """The last call deltas, or words still held (an answer of blanks only)."""
+        if self.is_calls is None:
+            return self.buffer
         return self._deltas(final=True) if self.is_calls else []
 
     def _deltas(self, final: bool) -> list[CallDelta]:
