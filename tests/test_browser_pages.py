@@ -87,7 +87,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory, demo_bundle_fp32: Path, sd_bun
     port = free_port()
     models = [{"id": "demo", "kind": "chat", "path": str(demo_bundle_fp32), "runtime": "onnx"},
               {"id": "sd", "kind": "image", "path": str(sd_bundle), "runtime": "onnx"}]
+    (tmp / "blocked.txt").write_text("brimstone\n")
     config = write_config(tmp, broker.port, BASE, demo_bundle_fp32, models=models,
+                          moderation={"enabled": True, "blocklist": str(tmp / "blocked.txt")},
                           http={"enabled": True, "host": "127.0.0.1", "port": port, "api_key": KEY},
                           device={"backend": "sim", "health_interval": 0.25},
                           images={"display": "lobby", "format": "png"})
@@ -228,6 +230,9 @@ def test_state_changes_and_thermal_events_show_at_once(console: Watched, rig: Ri
     rig.mqtt.publish(f"{BASE}/request/sim", {"temperature_c": 50})
     page.wait_for_selector("#log li[data-event=thermal_normal]", state="attached", timeout=10_000)
     wait_state(page, "idle")
+    rig.mqtt.publish(f"{BASE}/request/chat", {"id": "gate", "prompt": "Sing of brimstone."})
+    refusal = page.wait_for_selector("#log li[data-event=prompt_refused]", state="attached", timeout=10_000)
+    assert "gate" in refusal.inner_text() and "brimstone" not in refusal.inner_text(), "no prompt text"
     assert console.problems == [], console.problems
 
 
