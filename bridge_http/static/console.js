@@ -146,6 +146,7 @@
     hello(data) {
       imageModels = new Set(data.models.filter((m) => m.kind === "image").map((m) => m.id));
       fillSelect($("image-model"), [...imageModels]);
+      $("image-panel").hidden = imageModels.size === 0; // no image model here: no image box
       loadChatModels(data.models);
     },
     state: showState,
