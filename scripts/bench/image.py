@@ -1,4 +1,5 @@
-"""Image figures: per-stage timings of the SD 1.5 LCM pipeline, and chat speed while images are made.
+"""Image figures: per-stage timings of the SD 1.5 LCM pipeline, the cost of a step preview, and chat
+speed while images are made (with and without previews).
 
 Without ``--bundle`` a random-weight bundle in AXERA's layout is built (the test suite's factory)
 at the real model's 512x512 size: its graphs are tiny, so the figures show the pipeline's own
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from appliance.demo_model import ensure_demo_model  # noqa: E402
 from npu.diffusion.params import ImageParams  # noqa: E402
 from npu.diffusion.pipeline import DiffusionPipeline, encode_decoded  # noqa: E402
+from npu.diffusion.preview import preview_jpeg  # noqa: E402
 from npu.engine.api import ChatRequest, Done, Failed, ImageRequest, JobEvent  # noqa: E402
 from npu.engine.engine import Engine, EngineConfig  # noqa: E402
 from npu.engine.worker import ModelSpec  # noqa: E402
@@ -59,6 +61,28 @@ def stages(pipeline: DiffusionPipeline, runs: int, fmt: str) -> None:
         print(f"  {name:<13} {statistics.median(values):8.2f} ms")
 
 
+def preview_cost(pipeline: DiffusionPipeline, runs: int, size: int) -> None:
+    """What a step preview adds to a UNet step: the 4x3 projection, the resize and the JPEG."""
+    costs: list[float] = []
+    unet: list[float] = []
+    nbytes = 0
+    for i in range(runs + 1):
+        for step in pipeline.generate_steps(ImageParams(prompt=PROMPT, seed=i)):
+            if step.latents is None:
+                continue
+            started = time.perf_counter()
+            data = preview_jpeg(step.latents, size)
+            if i:  # the first run warms up
+                costs.append((time.perf_counter() - started) * 1e3)
+                nbytes = len(data)
+        if i and step.decoded is not None:
+            unet.extend(step.decoded.timings.unet_ms)
+    per_step, cost = statistics.median(unet), statistics.median(costs)
+    p90 = sorted(costs)[int(len(costs) * 0.9)]
+    print(f"\npreview ({size} px JPEG, {nbytes} bytes) after each UNet step, median of {len(costs)}:")
+    print(f"  preview          {cost:8.2f} ms  (p90 {p90:.2f} ms)")
+    print(f"  unet step        {per_step:8.2f} ms  (the preview adds {cost / per_step:.1%})")
+
 def chat_speed(engine: Engine, max_tokens: int) -> float:
     done: list[Done] = []
     request = ChatRequest(messages=STORY, params=GenerationParams(max_tokens=max_tokens, temperature=0))
@@ -68,7 +92,7 @@ def chat_speed(engine: Engine, max_tokens: int) -> float:
     return result.usage.completion_tokens / (result.generation_ms / 1e3)  # type: ignore[union-attr]
 
 
-def chat_with_images(engine: Engine, max_tokens: int) -> tuple[float, int]:
+def chat_with_images(engine: Engine, max_tokens: int, preview: int | None = None) -> tuple[float, int]:
     """Chat tokens/s while images are submitted back to back; returns (tok/s, images made)."""
     stop = threading.Event()
     made = [0]
@@ -83,7 +107,7 @@ def chat_with_images(engine: Engine, max_tokens: int) -> tuple[float, int]:
                 if isinstance(event, Done | Failed):
                     finished.set()
 
-            engine.submit(ImageRequest(ImageParams(prompt=PROMPT, seed=made[0])), sink)
+            engine.submit(ImageRequest(ImageParams(prompt=PROMPT, seed=made[0]), preview=preview), sink)
             finished.wait(300)
 
     thread = threading.Thread(target=images, daemon=True)
@@ -101,6 +125,7 @@ def main() -> int:
                         help="an sd1.5-lcm bundle (default: a random-weight one, built)")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--preview-size", type=int, default=256, help="step previews' size, pixels")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle
@@ -113,6 +138,7 @@ def main() -> int:
         pipeline = DiffusionPipeline.load(bundle)
         for fmt in ("png", "jpeg"):
             stages(pipeline, args.runs, fmt)
+        preview_cost(pipeline, args.runs, args.preview_size)
         del pipeline
         chat = ensure_demo_model(ROOT / "models")
         specs = [ModelSpec("chat", "chat", chat), ModelSpec("sd", "image", bundle)]
@@ -122,6 +148,7 @@ def main() -> int:
             chat_speed(engine, 16)  # warm-up
             alone = statistics.median(chat_speed(engine, args.max_tokens) for _ in range(3))
             shared = [chat_with_images(engine, args.max_tokens) for _ in range(3)]
+            previewed = [chat_with_images(engine, args.max_tokens, args.preview_size) for _ in range(3)]
         finally:
             engine.stop()
         with_images = statistics.median(s for s, _ in shared)
@@ -129,6 +156,9 @@ def main() -> int:
         print(f"  alone               {alone:7.1f} tokens/s")
         print(f"  while images run    {with_images:7.1f} tokens/s "
               f"({with_images / alone:.0%}; {sum(n for _, n in shared)} images made meanwhile)")
+        with_previews = statistics.median(s for s, _ in previewed)
+        print(f"  images + previews   {with_previews:7.1f} tokens/s "
+              f"({with_previews / alone:.0%}; {sum(n for _, n in previewed)} images made meanwhile)")
     return 0
 
 
