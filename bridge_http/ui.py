@@ -233,8 +233,9 @@ async def console_image(body: ConsoleImage, request: Request) -> StreamingRespon
     width, height = (int(match[1]), int(match[2])) if match else (None, None)
     jobs = image_jobs(1, body.seed, body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
                       width=width, height=height, steps=body.steps or DEFAULT_STEPS, format="png")
-    if body.preview:
-        jobs = [replace(job, preview=PREVIEW_PIXELS) for job in jobs]
+    # Its sender's turn in the queue, as every HTTP client's; step previews when asked for.
+    jobs = [replace(job, sender=bridge.sender_of(request), preview=PREVIEW_PIXELS if body.preview else None)
+            for job in jobs]
     group = JobGroup(bridge.engine)
     await group.submit(jobs)  # a refusal is an error answer before the stream starts
 

@@ -21,6 +21,8 @@
   let wanted = null; // sha256 of the newest picture announced
   const metas = new Map(); // sha256 -> description
   let lostSince = null;
+  let previewTimer = null;
+  const PREVIEW_LIFETIME = 30000;
 
   document.title = name;
   for (const layer of [front, back]) layer.style.transitionDuration = fade + "ms";
@@ -74,6 +76,9 @@
       const preview = $("preview");
       preview.src = data.src;
       preview.classList.add("shown");
+      // A picture that never comes (refused, failed): the draft goes away after a while.
+      clearTimeout(previewTimer);
+      previewTimer = setTimeout(() => preview.classList.remove("shown"), PREVIEW_LIFETIME);
       document.body.dataset.previews = String(Number(document.body.dataset.previews || 0) + 1);
     },
   };
