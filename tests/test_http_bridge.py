@@ -170,7 +170,8 @@ def test_bad_requests_get_openai_400s_and_the_server_keeps_working(client: OpenA
         ({"model": MODEL, "messages": HI, "stop": ["ok", ""]}, "stop"),
         ({"model": MODEL, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages.0.content"),
-        ({"model": MODEL, "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, ""),
+        ({"model": MODEL, "messages": HI, "tools": [{"type": "function", "function": {"description": "f"}}]},
+         "tools.0.function.name"),
     ]
     for body, param in bad:
         r = httpx.post(f"{base_url}/chat/completions", json=body, timeout=30)

@@ -159,7 +159,7 @@ def test_no_message_carries_a_pydantic_prefix(open_bridge: tuple[TestClient, Fak
     bodies: list[dict[str, Any]] = [
         {"messages": [{"role": "wizard", "content": "hi"}]},
         {"messages": HI, "tools": [{"type": "function"}]},
-        {"messages": HI, "logprobs": True}, {"messages": HI, "response_format": {"type": "json_object"}},
+        {"messages": HI, "top_logprobs": 21}, {"messages": HI, "response_format": {"type": "json_schema"}},
         {"messages": HI, "stop": ["ok", ""]}, {"messages": HI, "temperature": "hot"},
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
     ]

@@ -41,8 +41,9 @@ def test_messages_become_template_turns() -> None:
 def test_unknown_fields_are_ignored_and_unsupported_ones_refused() -> None:
     assert chat(user="u", metadata={"k": "v"}, store=False, parallel_tool_calls=True).messages
     assert chat(response_format={"type": "text"}, logprobs=False).messages
-    for bad in ({"tools": [{"type": "function"}]}, {"logprobs": True},
-                {"response_format": {"type": "json_object"}}):
+    assert chat(response_format={"type": "json_object"}, logprobs=True, top_logprobs=3).messages
+    for bad in ({"tools": [{"type": "function"}]}, {"top_logprobs": 21},
+                {"response_format": {"type": "json_schema"}}):
         with pytest.raises(ValidationError):
             chat(**bad)
 
