@@ -19,7 +19,7 @@ function drawChart(svg, points, options) {
   const span = (options && options.span) || 3600;
   const now = Date.now() / 1000;
   const values = points.map((p) => p.value).filter((v) => typeof v === "number");
-  let low = options && options.min !== undefined ? options.min : Math.min(0, ...values);
+  const low = Math.min(options && options.min !== undefined ? options.min : 0, ...values);
   let high = Math.max(low + ((options && options.floor) || 1), ...values);
   if (options && options.max !== undefined) high = Math.max(high, options.max);
   high = high + (high - low) * 0.1;

@@ -110,9 +110,13 @@
 
   function drawCharts() {
     const series = (name) => history.map((p) => ({ ts: p.ts, value: p[name] }));
-    drawChart($("chart-tokens"), series("tokens_per_s"), { min: 0, floor: 5 });
-    drawChart($("chart-queue"), series("queue_depth"), { min: 0, floor: 2 });
-    drawChart($("chart-temp"), series("temperature_c"), { floor: 10 });
+    // The hour, or since the appliance started when that is shorter (at least a minute).
+    const since = history.length ? Date.now() / 1000 - history[0].ts : 0;
+    const span = Math.min(HOUR, Math.max(60, since));
+    $("chart-span").textContent = span >= HOUR ? "The last hour" : "The last " + Math.ceil(span / 60) + " min";
+    drawChart($("chart-tokens"), series("tokens_per_s"), { min: 0, floor: 5, span });
+    drawChart($("chart-queue"), series("queue_depth"), { min: 0, floor: 2, span });
+    drawChart($("chart-temp"), series("temperature_c"), { min: 30, floor: 10, span });
     const last = history[history.length - 1] || {};
     $("now-tokens").textContent = last.tokens_per_s == null ? "" : formatNumber(last.tokens_per_s);
     $("now-queue").textContent = last.queue_depth == null ? "" : String(last.queue_depth);
@@ -134,7 +138,7 @@
     const when = new Date((ts || Date.now() / 1000) * 1000);
     item.appendChild(el("time", null, when.toLocaleTimeString()));
     item.appendChild(el("strong", null, event));
-    const details = Object.entries(fields).map(([k, v]) => k + "=" + (typeof v === "object" ? JSON.stringify(v) : v));
+    const details = Object.entries(fields).filter(([, v]) => v !== null && v !== undefined).map(([k, v]) => k + "=" + (typeof v === "object" ? JSON.stringify(v) : v));
     item.appendChild(el("span", null, details.join(" ")));
     const log = $("log");
     log.prepend(item);
@@ -307,6 +311,7 @@
     if (display) body.display = display;
     $("image-send").disabled = true;
     progress.value = 0;
+    progress.hidden = false;
     note.textContent = "waiting…";
     note.className = "note";
     result.dataset.done = "false";
