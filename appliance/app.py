@@ -70,7 +70,7 @@ class Appliance:
         self.monitor = make_device_monitor(config)
         self.engine = Engine(config.model_specs(), config=config.engine_settings(),
                              device_ids=config.device.ids, monitor=self.monitor,
-                             recovery=config.recovery_settings())
+                             recovery=config.recovery_settings(), personas=config.engine_personas())
         # Thermal events go through the engine's listeners: MQTT and the console both hear them.
         self.health = HealthChecks(self.engine, self.monitor, config.thermal_limits(), self.engine.emit_event)
         self.inbound: queue.Queue[InboundMessage] = queue.Queue()

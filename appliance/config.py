@@ -37,12 +37,13 @@ from pydantic import (
     model_validator,
 )
 
+from appliance.persona_config import PersonaConfig, SceneConfig
 from appliance.wyoming_server import WyomingSettings
 from bridge_http.body_guard import DEFAULT_MAX_BODY
 from handlers.context import ImageDefaults, Limits
 from npu.device.thermal import ThermalLimits
 from npu.engine import config as engine
-from npu.engine.api import Priority
+from npu.engine.api import Persona, Priority
 from npu.engine.kinds import kind_names
 from npu.validation import clean_message
 
@@ -474,6 +475,11 @@ class ModelConfig(BaseConfig):
     )
     preload: bool = Field(True, description="Load at start and keep resident")
     default: bool = Field(False, description="The model of its kind used when a request names none")
+    aliases: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=list,
+        description="More names clients may ask for it by (gpt-4o-mini), so code written for another "
+        "API works after changing only its base_url",
+    )
 
 
 def _demo_models() -> list[ModelConfig]:
@@ -504,6 +510,12 @@ class ApplianceConfig(BaseConfig):
     models: list[ModelConfig] = Field(
         default_factory=_demo_models, min_length=1, description="Resident models (default: the demo model)"
     )
+    personas: list[PersonaConfig] = Field(
+        default_factory=list, description="The installation's characters: a model, a system prompt, defaults"
+    )
+    scenes: list[SceneConfig] = Field(
+        default_factory=list, description="Named sets of personas and settings, on a schedule or by request"
+    )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -524,6 +536,43 @@ class ApplianceConfig(BaseConfig):
             if len(defaults) > 1:
                 raise ValueError(f"only one {kind} model may be the default; marked: {', '.join(defaults)}")
         return value
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> ApplianceConfig:
+        """Model ids, aliases and persona names share one namespace: the ``model`` clients send."""
+        names = [n for m in self.models for n in (m.id, *m.aliases)] + [p.name for p in self.personas]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"model ids, aliases and persona names must all differ; repeated: "
+                             f"{', '.join(repeated)}")
+        scenes = [s.name for s in self.scenes]
+        if len(set(scenes)) != len(scenes):
+            raise ValueError(f"scene names must be unique: {', '.join(scenes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _personas_name_chat_models(self) -> ApplianceConfig:
+        chat = [m.id for m in self.models if m.kind == "chat"]
+        for persona in self.personas:
+            if persona.model is not None and persona.model not in chat:
+                raise ValueError(f"persona {persona.name!r}: model {persona.model!r} is not a chat model "
+                                 f"here; chat models: {', '.join(chat) or 'none'}")
+        return self
+
+    @model_validator(mode="after")
+    def _scenes_name_what_exists(self) -> ApplianceConfig:
+        personas, models = {p.name for p in self.personas}, {m.id for m in self.models}
+        for scene in self.scenes:
+            named = [*(scene.personas or []), *([scene.default_persona] if scene.default_persona else [])]
+            unknown = sorted(set(named) - personas)
+            if unknown:
+                raise ValueError(f"scene {scene.name!r}: no persona {unknown[0]!r}; personas: "
+                                 f"{', '.join(sorted(personas)) or 'none'}")
+            unknown = sorted(set(scene.load + scene.unload) - models)
+            if unknown:
+                raise ValueError(f"scene {scene.name!r}: no model {unknown[0]!r}; models: "
+                                 f"{', '.join(sorted(models))}")
+        return self
 
     @property
     def base_dir(self) -> Path:
@@ -555,7 +604,26 @@ class ApplianceConfig(BaseConfig):
                                                                            "hysteresis")})
 
     def model_specs(self) -> list[engine.ModelSpec]:
-        return [onto(engine.ModelSpec, m, path=self.model_path(m)) for m in self.models]
+        """The models, each with its aliases and its personas' system prompts to keep warm."""
+        personas = self.engine_personas()
+        return [onto(engine.ModelSpec, m, path=self.model_path(m), aliases=tuple(m.aliases),
+                     prefixes=tuple(dict.fromkeys(p.system for p in personas if p.model == m.id)))
+                for m in self.models]
+
+    def default_chat_model(self) -> str | None:
+        chat = [m for m in self.models if m.kind == "chat"]
+        return next((m.id for m in chat if m.default), chat[0].id if chat else None)
+
+    def engine_personas(self) -> list[Persona]:
+        """The personas as the engine holds them, each on its model (the default chat one if unnamed)."""
+        return [p.persona(p.model or self.default_chat_model()) for p in self.personas]
+
+    def resident_models(self, scene: SceneConfig | None = None) -> list[ModelConfig]:
+        """The models on the card: the preloaded ones, or during ``scene`` its own set (preloaded
+        minus what it unloads, plus what it loads)."""
+        if scene is None:
+            return [m for m in self.models if m.preload]
+        return [m for m in self.models if (m.preload and m.id not in scene.unload) or m.id in scene.load]
 
     def image_defaults(self) -> ImageDefaults:
         previews = {name: d.preview for name, d in self.images.displays.items() if d.preview is not None}

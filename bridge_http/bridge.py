@@ -10,8 +10,9 @@ from typing import Literal
 from starlette.requests import Request
 
 from bridge_http.body_guard import DEFAULT_MAX_BODY
+from bridge_http.errors import OpenAIError
 from bridge_http.image_store import ImageStore
-from npu.engine.api import EngineClient
+from npu.engine.api import EngineClient, Persona
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,18 @@ class Bridge:
         """The model a request will run on; an unknown name is kept for the engine to refuse."""
         return requested or self.engine.default_chat or ""
 
+    def persona_of(self, model: str | None, persona: str | None) -> Persona | None:
+        """The persona a body asks for: its ``persona`` extra, or ``model`` naming one; a body with
+        neither a model nor a persona gets the scene's default persona, if any."""
+        if persona is not None:
+            found = self.engine.persona(persona)
+            if found is None:
+                names = ", ".join(p.name for p in self.engine.personas()) or "none"
+                raise OpenAIError(404, f"there is no persona {persona!r} now; available: {names}",
+                                  param="persona", code="model_not_found")
+            return found
+        return self.engine.persona(model) if model else self.engine.persona(None)
+
     def sender_of(self, request: Request) -> str:
         """The queue's name for this client: ``http:<address>``, or ``http:key-<digest>`` of its
         bearer token (never the token itself, which would show on /metrics)."""
@@ -52,6 +65,6 @@ class Bridge:
 
     def context_length(self, model_id: str) -> int | None:
         for info in self.engine.models():
-            if info.id == model_id:
+            if info.id == model_id or model_id in (info.aliases or ()):
                 return info.context_length
         return None

@@ -33,8 +33,12 @@ async def handle_chat_completions(body: ChatCompletionRequest, request: Request)
     bridge: Bridge = request.app.state.bridge
     cid, created = shapes.new_id("chatcmpl"), shapes.now()
     model = bridge.model_id(body.model)
-    jobs = chat_requests(body, cid, bridge.settings.max_n, bridge.context_length(model),
-                         sender=bridge.sender_of(request))
+    persona = bridge.persona_of(body.model, body.persona)
+    context = bridge.context_length(persona.model or "" if persona is not None else model)
+    jobs = chat_requests(body, cid, bridge.settings.max_n, context, sender=bridge.sender_of(request),
+                         persona=persona)
+    if persona is not None and not body.model:
+        model = persona.name
     jobs = with_structure(body, jobs)  # response_format, tools, logit_bias, logprobs
     group = JobGroup(bridge.engine)
     await group.submit(jobs)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bridge_http.errors import OpenAIError
 from bridge_http.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
-from npu.engine.api import ChatRequest
+from npu.engine.api import ChatRequest, Persona
 from npu.llm.params import SEED_MAX, GenerationParams, ParamError, max_prompt_chars
 
 _FIELDS = (
@@ -17,13 +17,17 @@ _FIELDS = (
 LEGACY_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
-def generation_params(body: SamplingFields, max_tokens: int, seed_offset: int = 0) -> GenerationParams:
-    """Fields left out keep the engine's defaults; choice ``i`` of ``n`` samples with ``seed + i``
-    (wrapping inside the seed range)."""
+def generation_params(body: SamplingFields, max_tokens: int, seed_offset: int = 0,
+                      defaults: Mapping[str, Any] | None = None) -> GenerationParams:
+    """Fields left out keep ``defaults`` (a persona's), then the engine's; choice ``i`` of ``n``
+    samples with ``seed + i`` (wrapping inside the seed range)."""
     given: dict[str, Any] = {f: getattr(body, f) for f in _FIELDS if getattr(body, f) is not None}
-    seed = None if body.seed is None else (body.seed + seed_offset) % (SEED_MAX + 1)
+    given = {**{k: v for k, v in (defaults or {}).items() if k in _FIELDS}, **given}
+    first = body.seed if body.seed is not None else (defaults or {}).get("seed")
+    seed = None if first is None else (first + seed_offset) % (SEED_MAX + 1)
+    stop = body.stop_list() or tuple((defaults or {}).get("stop", ()))
     try:
-        return GenerationParams(max_tokens=max_tokens, stop=body.stop_list(), seed=seed, **given)
+        return GenerationParams(max_tokens=max_tokens, stop=stop, seed=seed, **given)
     except ParamError as exc:
         raise OpenAIError(400, str(exc), param=exc.fields[0], code="invalid_value") from exc
     except ValueError as exc:
@@ -56,18 +60,27 @@ def check_n(body: SamplingFields, max_n: int, prompts: int = 1) -> None:
 
 def chat_requests(
     body: ChatCompletionRequest, request_id: str, max_n: int, context_length: int | None,
-    sender: str | None = None,
+    sender: str | None = None, persona: Persona | None = None,
 ) -> list[ChatRequest]:
-    """Without a limit, a chat answer may run to the end of the context (OpenAI's behaviour)."""
+    """Without a limit, a chat answer may run to the end of the context (OpenAI's behaviour).
+
+    With a persona, its system prompt goes first, its defaults fill the fields left out, and it
+    runs on its model unless the body names a model that is not the persona itself.
+    """
     check_n(body, max_n)
-    limit = body.token_limit or context_length or 4096
+    defaults = persona.defaults if persona is not None else {}
+    limit = body.token_limit or defaults.get("max_tokens") or context_length or 4096
     messages = [m.for_template() for m in body.messages]
+    model = body.model
+    if persona is not None:
+        messages = persona.messages(messages)
+        model = persona.model if body.model in (None, "", persona.name) else body.model
     check_prompt_chars((m["content"] for m in messages), context_length, "messages")
     return [
         ChatRequest(
-            model=body.model,
+            model=model,
             messages=messages,
-            params=generation_params(body, limit, i),
+            params=generation_params(body, limit, i, defaults),
             enable_thinking=body.enable_thinking,
             request_id=request_id,
             sender=sender,

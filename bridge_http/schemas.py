@@ -142,6 +142,7 @@ class SamplingFields(RequestModel):
     """Fields shared by chat and legacy completions; ``None`` keeps the engine default."""
 
     model: str | None = None
+    persona: str | None = None  # a persona by name (also accepted as ``model``)
     max_tokens: Annotated[int | None, _bound("max_tokens")] = None
     temperature: Annotated[float | None, _bound("temperature")] = None
     top_p: Annotated[float | None, _bound("top_p")] = None

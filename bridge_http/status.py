@@ -27,18 +27,34 @@ def model_card(info: ModelInfo, created: int) -> dict[str, Any]:
     return card
 
 
+def model_cards(bridge: Bridge) -> list[dict[str, Any]]:
+    """Every name a client may send as ``model``: the models, their aliases and the personas of the
+    scene (an alias or a persona names the model it runs on as its ``parent``, as vLLM does for
+    adapters)."""
+    infos = bridge.engine.models()
+    cards = [model_card(m, bridge.created) for m in infos]
+    for info in infos:
+        cards += [{**model_card(info, bridge.created), "id": alias, "parent": info.id}
+                  for alias in info.aliases or ()]
+    by_id = {m.id: m for m in infos}
+    for persona in bridge.engine.personas():
+        parent = by_id.get(persona.model or "")
+        card = model_card(parent, bridge.created) if parent is not None else {
+            "object": "model", "created": bridge.created, "owned_by": "appliance"}
+        cards.append({**card, "id": persona.name, "parent": persona.model, "persona": True})
+    return cards
+
+
 @models_router.get("/v1/models")
 async def handle_models(request: Request) -> dict[str, Any]:
-    bridge: Bridge = request.app.state.bridge
-    return {"object": "list", "data": [model_card(m, bridge.created) for m in bridge.engine.models()]}
+    return {"object": "list", "data": model_cards(request.app.state.bridge)}
 
 
 @models_router.get("/v1/models/{model_id}")
 async def handle_model(model_id: str, request: Request) -> dict[str, Any]:
-    bridge: Bridge = request.app.state.bridge
-    for info in bridge.engine.models():
-        if info.id == model_id:
-            return model_card(info, bridge.created)
+    for card in model_cards(request.app.state.bridge):
+        if card["id"] == model_id:
+            return card
     raise OpenAIError(404, f"no model {model_id!r} here", param="model", code="model_not_found")
 
 

@@ -40,7 +40,7 @@ from handlers.payloads import ChatPayload, ImagePayload
 from handlers.reply import JobSink, ProgressTopic, Reply
 from handlers.spoken import SpokenAnswer
 from handlers.structured import is_json_request, structured_data, with_constraint
-from npu.engine.api import ChatRequest, ChatResult, Delta, Done, EngineError, Failed, JobEvent, Sink
+from npu.engine.api import ChatRequest, ChatResult, Delta, Done, EngineError, Failed, JobEvent, Persona, Sink
 from npu.llm.params import GenerationParams, max_prompt_chars
 from npu.sentences import Chunker
 from npu.speech.voices import resolve_voice
@@ -55,15 +55,28 @@ _PARAM_FIELDS = (
 )
 
 
-def build_params(req: ChatPayload) -> GenerationParams:
-    """``GenerationParams`` from the payload; fields left out keep the engine defaults."""
+def build_params(req: ChatPayload, persona: Persona | None = None) -> GenerationParams:
+    """``GenerationParams`` from the payload; fields left out keep the persona's defaults, then the
+    engine's."""
     given: dict[str, Any] = {f: getattr(req, f) for f in _PARAM_FIELDS if getattr(req, f) is not None}
     if req.stop is not None:
         given["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
     try:
-        return GenerationParams(**given)
+        return GenerationParams(**(persona.params(given) if persona is not None else given))
     except ValueError as exc:
         raise HandlerError("bad_request", str(exc)) from exc
+
+
+def find_persona(ctx: HandlerContext, name: str | None, model: str | None) -> Persona | None:
+    """The persona a request names; one that names neither a persona nor a model gets the scene's
+    default persona, if it has one."""
+    if name is None:
+        return ctx.engine.persona(None) if model is None else None
+    persona = ctx.engine.persona(name)
+    if persona is None:
+        names = ", ".join(p.name for p in ctx.engine.personas()) or "none"
+        raise HandlerError("bad_request", f"persona: there is no persona {name!r} now; available: {names}")
+    return persona
 
 
 def deadline_for(req: ChatPayload | ImagePayload, received_at: float, message_expiry: int | None,
@@ -194,7 +207,8 @@ def handle_chat(req: ChatPayload, ctx: HandlerContext, reply: Reply, meta: Reque
     if request_id is None:  # the registry assigns one; direct callers must too
         raise HandlerError("bad_request", "a chat request needs an id")
     check_chat_id(request_id)
-    params = build_params(req)
+    persona = find_persona(ctx, req.persona, req.model)
+    params = build_params(req, persona)
     params = with_constraint(params, req)  # schema, format, choices
     deadline = deadline_for(req, meta.received_at, meta.message_expiry, ctx.limits.request_timeout)
     if deadline is not None and deadline <= time.monotonic():
@@ -207,10 +221,13 @@ def handle_chat(req: ChatPayload, ctx: HandlerContext, reply: Reply, meta: Reque
         messages = [{"role": "user", "content": req.prompt}]
     else:
         raise HandlerError("bad_request", "the prompt is empty")
-    check_prompt_chars(req.model, messages, ctx)
+    model = req.model
+    if persona is not None:
+        messages, model = persona.messages(messages), model or persona.model
+    check_prompt_chars(model, messages, ctx)
     try:
         request = ChatRequest(
-            model=req.model,
+            model=model,
             messages=messages,
             params=params,
             deadline=deadline,

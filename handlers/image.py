@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Any
 
-from handlers.chat import check_chat_id, deadline_for, reply_engine_error
+from handlers.chat import check_chat_id, deadline_for, find_persona, reply_engine_error
 from handlers.context import (
     PENDING,
     HandlerContext,
@@ -39,6 +39,7 @@ from npu.engine.api import (
     ImageRequest,
     ImageResult,
     JobEvent,
+    Persona,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,17 @@ class ImageSink(JobSink):
             self.ctx.publish(self.stream_topic, {"id": self.request_id, **body}, qos=0)
 
 
+def styled(req: ImagePayload, persona: Persona | None) -> tuple[str, str, int]:
+    """The prompt, negative prompt and steps after the persona's image style: its words around the
+    prompt, its negative prompt and steps where the request gives none."""
+    if persona is None or persona.image is None:
+        return req.prompt, req.negative_prompt, req.steps
+    style, given = persona.image, req.model_fields_set
+    negative = req.negative_prompt if "negative_prompt" in given else (style.negative_prompt or "")
+    steps = req.steps if "steps" in given or style.steps is None else style.steps
+    return persona.image_prompt(req.prompt), negative, steps
+
+
 def handle_image(req: ImagePayload, ctx: HandlerContext, reply: Reply, meta: RequestMeta) -> Any:
     request_id = reply.request_id
     if request_id is None:
@@ -107,9 +119,10 @@ def handle_image(req: ImagePayload, ctx: HandlerContext, reply: Reply, meta: Req
     except ValueError as exc:
         raise HandlerError("bad_request", str(exc)) from exc
     deadline = deadline_for(req, meta.received_at, meta.message_expiry, ctx.limits.request_timeout)
+    prompt, negative, steps = styled(req, find_persona(ctx, req.persona, "") if req.persona else None)
     params = ImageParams(
-        prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width, height=req.height,
-        steps=req.steps, seed=req.seed, guidance_scale=req.guidance_scale,
+        prompt=prompt, negative_prompt=negative, width=req.width, height=req.height,
+        steps=steps, seed=req.seed, guidance_scale=req.guidance_scale,
         format=req.format or defaults.format,
         quality=req.quality or defaults.quality, max_bytes=defaults.max_bytes,
     )

@@ -65,6 +65,8 @@ class ChatPayload(_Payload):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     prompt: StrictStr | None = None
     model: StrictStr | None = None
+    persona: StrictStr | None = Field(default=None, description="a persona's name: its model, system prompt "
+                                      "and defaults")
     max_tokens: Annotated[StrictInt | None, _bound("max_tokens")] = None
     temperature: Annotated[float | None, _bound("temperature")] = None
     top_p: Annotated[float | None, _bound("top_p")] = None
@@ -108,6 +110,7 @@ class ImagePayload(_Payload):
     prompt: StrictStr
     negative_prompt: StrictStr = ""
     model: StrictStr | None = None
+    persona: StrictStr | None = Field(default=None, description="a persona's name: its image style")
     width: StrictInt | None = Field(default=None, ge=8, le=4096)
     height: StrictInt | None = Field(default=None, ge=8, le=4096)
     steps: StrictInt = Field(default=4, ge=1, le=8)

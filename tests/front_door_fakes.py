@@ -26,6 +26,7 @@ from npu.engine.api import (
     ImageResult,
     JobHandle,
     ModelInfo,
+    Persona,
     Sink,
 )
 from npu.llm.params import Usage
@@ -88,6 +89,12 @@ class FakeEngine:
 
     def restart(self, reason: str = "restart") -> list[int]:
         return [0]
+
+    def personas(self) -> list[Persona]:
+        return []
+
+    def persona(self, name: str | None) -> Persona | None:
+        return None
 
 
 @dataclass(frozen=True)

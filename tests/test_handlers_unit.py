@@ -105,6 +105,12 @@ class StubEngine:
         self.paused: str | None = None
         self.reloaded: list[str | None] = []
 
+    def personas(self) -> list[Any]:
+        return []
+
+    def persona(self, name: str | None) -> Any:
+        return None
+
     def submit(self, request: ChatRequest, sink: Sink) -> JobHandle:
         self.submitted.append(request)
         mode = self.mode

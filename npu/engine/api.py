@@ -347,6 +347,50 @@ class ModelInfo:
     sizes: list[str] | None = None  # image models: "WxH" they make
     steps: list[int] | None = None  # image models: step counts they run
     sample_rate: int | None = None  # tts models: the rate of their audio; stt: the rate they read
+    aliases: list[str] | None = None  # more names it answers to (``models[].aliases``)
+
+
+@dataclass(frozen=True)
+class ImageStyle:
+    """A persona's look: words around every prompt, a negative prompt and steps when none is given."""
+
+    prefix: str = ""
+    suffix: str = ""
+    negative_prompt: str | None = None
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Persona:
+    """A character of the installation (config ``personas:``): its model, its system prompt, and the
+    sampling defaults a request that names it gets for the fields it leaves out.
+
+    Both front doors apply it the same way, through ``messages`` and ``params``; its system prompt
+    is the prefix the engine keeps warm on its model.
+    """
+
+    name: str
+    system: str
+    model: str | None = None  # a chat model id; None: the default chat model
+    defaults: dict[str, Any] = field(default_factory=dict)  # GenerationParams fields (max_tokens, stop...)
+    image: ImageStyle | None = None
+
+    def messages(self, messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The conversation with the persona's system prompt first. A system message the client sent
+        follows it in the same message, so the persona's words stay the (warm) start of the prompt."""
+        rest = list(messages)
+        system = self.system
+        if rest and rest[0].get("role") == "system" and isinstance(rest[0].get("content"), str):
+            system = f"{system}\n\n{rest.pop(0)['content']}"
+        return [{"role": "system", "content": system}, *rest]
+
+    def params(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The persona's defaults overlaid with the fields the request set itself."""
+        return {**self.defaults, **given}
+
+    def image_prompt(self, prompt: str) -> str:
+        style = self.image or ImageStyle()
+        return " ".join(part for part in (style.prefix, prompt, style.suffix) if part)
 
 
 @dataclass(frozen=True)
@@ -415,6 +459,8 @@ class EngineClient(Protocol):
     def devices(self) -> list[DeviceSnapshot]: ...
     def senders(self) -> dict[str, dict[str, Any]]: ...
     def jobs(self) -> list[JobInfo]: ...
+    def personas(self) -> list[Persona]: ...
+    def persona(self, name: str | None) -> Persona | None: ...
     def add_state_listener(self, listener: StateListener) -> None: ...
     def add_event_listener(self, listener: EventListener) -> None: ...
     def queue(self) -> QueueInfo: ...

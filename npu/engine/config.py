@@ -49,3 +49,5 @@ class ModelSpec:
     runtime: str = "auto"
     preload: bool = True
     default: bool = False
+    aliases: tuple[str, ...] = ()  # more names clients may ask for it by (gpt-4o-mini)
+    prefixes: tuple[str, ...] = ()  # system prompts (its personas') prefilled at load and kept warm

@@ -28,6 +28,7 @@ from npu.engine.api import (
     JobHandle,
     JobInfo,
     ModelInfo,
+    Persona,
     Priority,
     Request,
     Sink,
@@ -65,12 +66,23 @@ class Engine:
         loader: RunnerLoader | None = None,
         monitor: DeviceMonitor | None = None,
         recovery: RecoveryConfig | None = None,
+        personas: Sequence[Persona] = (),
     ) -> None:
         if not models:
             raise ValueError("the engine needs at least one model")
         ids = [m.id for m in models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"model ids must be unique: {ids}")
+        # Other names a model answers to (gpt-4o-mini): never another model's id or alias.
+        self.aliases: dict[str, str] = {}
+        for m in models:
+            for alias in m.aliases:
+                if alias in ids or alias in self.aliases:
+                    raise ValueError(f"alias {alias!r} of {m.id} names another model too")
+                self.aliases[alias] = m.id
+        self._personas = {p.name: p for p in personas}
+        self._active_personas: frozenset[str] | None = None  # the scene's; None: every persona
+        self._default_persona: str | None = None  # the scene's persona for a request naming none
         self.config = config or EngineConfig()
         self.specs = {m.id: m for m in models}
         kinds = all_kinds()
@@ -191,7 +203,7 @@ class Engine:
         if kind is None:
             raise EngineError(ErrorCode.BAD_REQUEST, f"no job kind runs a {type(request).__name__}")
         model_id = request.model or self.defaults.get(kind.name)
-        spec = self.specs.get(model_id or "")
+        spec = self.specs.get(self.aliases.get(model_id or "", model_id or ""))
         if spec is None or spec.kind != kind.name:
             available = [m for m, s in self.specs.items() if s.kind == kind.name]
             raise kind.model_not_found(request.model, available)
@@ -321,8 +333,28 @@ class Engine:
             runner = self.workers[0].runners.get(spec.id)
             facts = kinds[spec.kind].facts(runner) if runner is not None else ModelFacts()
             infos.append(ModelInfo(id=spec.id, kind=spec.kind, loaded=runner is not None,
-                                   backend=runner.backend if runner else None, **dataclasses.asdict(facts)))
+                                   backend=runner.backend if runner else None,
+                                   aliases=list(spec.aliases) or None, **dataclasses.asdict(facts)))
         return infos
+
+    def personas(self) -> list[Persona]:
+        """The personas requests may name now: those of the current scene (all, without scenes)."""
+        active = self._active_personas
+        return [p for p in self._personas.values() if active is None or p.name in active]
+
+    def persona(self, name: str | None) -> Persona | None:
+        """The persona of this name if requests may name it now; ``None`` asks for the scene's
+        default persona (the one a request naming neither a persona nor a model gets), if any."""
+        name = self._default_persona if name is None else name
+        return next((p for p in self.personas() if p.name == name), None)
+
+    def set_personas(self, names: Sequence[str] | None, default: str | None = None) -> None:
+        """Limit requests to these personas (a scene's) and set its default; None allows every one."""
+        unknown = sorted({*(names or ()), *([default] if default else [])} - set(self._personas))
+        if unknown:
+            raise ValueError(f"no persona {unknown[0]!r}; configured: {', '.join(self._personas)}")
+        self._active_personas = None if names is None else frozenset(names)
+        self._default_persona = default
 
     def senders(self) -> dict[str, dict[str, Any]]:
         """Each sender seen: jobs waiting now, requests accepted, refusals by code (for telemetry)."""

@@ -222,6 +222,16 @@ class LayerStack:
     def free_cache(self, cache: SequenceCache) -> None:
         """Host caches are ordinary arrays: nothing to free on a device."""
 
+    def save_rows(self, cache: SequenceCache, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A copy of every layer's first ``n`` K and V rows (a kept prefix, see ``LLMRunner``)."""
+        return [(k.copy(), v.copy()) for k, v in (layer.history(n) for layer in cache.layers)]
+
+    def load_rows(self, cache: SequenceCache, rows: list[tuple[np.ndarray, np.ndarray]], n: int) -> None:
+        """Write the first ``n`` of saved rows into a cache's first rows, in place (bound buffers
+        stay bound)."""
+        for layer, (keys, values) in zip(cache.layers, rows, strict=True):
+            layer.write(0, keys[:, :n], values[:, :n])
+
     def close(self) -> None:
         """Unload every layer and the post model (before a reload or after a card reboot)."""
         for session in [*self.layers, self.post]:

@@ -269,6 +269,26 @@ class ResidentLayerStack:
         )
         return io
 
+    def save_rows(self, cache: SequenceCache, n: int) -> list[tuple[DeviceBuffer, DeviceBuffer]]:
+        """A copy of every layer's first ``n`` K and V rows, on the card (copied device to device;
+        freed with the stack)."""
+        assert isinstance(cache, DeviceSequenceCache)
+        size = n * self.row_bytes
+        saved = []
+        for rows in cache.device_layers:
+            keys, values = self._alloc(size, "a kept prefix"), self._alloc(size, "a kept prefix")
+            self.device.copy(keys.ptr, rows.keys.ptr, size)
+            self.device.copy(values.ptr, rows.values.ptr, size)
+            saved.append((keys, values))
+        return saved
+
+    def load_rows(self, cache: SequenceCache, saved: list[tuple[DeviceBuffer, DeviceBuffer]], n: int) -> None:
+        """Copy the first ``n`` saved rows into a cache's first rows, device to device."""
+        assert isinstance(cache, DeviceSequenceCache)
+        for rows, (keys, values) in zip(cache.device_layers, saved, strict=True):
+            self.device.copy(rows.keys.ptr, keys.ptr, n * self.row_bytes)
+            self.device.copy(rows.values.ptr, values.ptr, n * self.row_bytes)
+
     # steps --------------------------------------------------------------------------------------
     def _run_layers(self, cache: DeviceSequenceCache, gid: int, history: int, start: int, n: int) -> None:
         for index, (model, rows) in enumerate(zip(self.layers, cache.device_layers, strict=True)):

@@ -50,6 +50,15 @@ class ContextLengthError(ValueError):
         )
 
 
+@dataclass
+class KeptPrefix:
+    """A prompt prefix prefilled once and kept: ``tokens`` (whole prefill chunks) and a copy of
+    their K/V rows in the stack's own form (host arrays, or buffers on the card)."""
+
+    tokens: list[int]
+    rows: Any
+
+
 @dataclass(frozen=True)
 class Step:
     """One unit of device work: a prefill chunk (``token is None``) or a sampled token.
@@ -89,6 +98,7 @@ class LLMRunner:
         self.template = template
         self.backend = backend
         self.pool = CachePool(cache_slots, stack.new_cache)
+        self.kept: list[KeptPrefix] = []  # shared prefixes (a persona's system prompt), see keep_prefix
         self.eos_ids = frozenset(args.eos_token_id)
         self.grammars = GrammarCache(tokenizer, self.eos_ids)
         self._add_bos = add_bos_token and args.bos_token_id is not None
@@ -153,6 +163,47 @@ class LLMRunner:
     @property
     def max_prompt_tokens(self) -> int:
         return self.stack.max_prompt_tokens
+
+    def keep_prefix(self, messages: Sequence[dict[str, Any]]) -> int:
+        """Prefill these messages (a persona's system prompt) once and keep their rows.
+
+        Every later prompt that starts with them gets the rows copied into its cache instead of
+        prefilling them, whichever cache it draws, so the first answer after a load (a start, a
+        reload, a card recovery) starts as fast as a warm turn. Only whole prefill chunks are
+        kept, as for any reused prefix. Returns the rows kept (0: shorter than one chunk).
+        """
+        ids = self._with_bos(
+            self.prompts.encode_chat(self.template, messages, add_generation_prompt=False)
+        )
+        chunk = self.stack.chunk
+        n = min(len(ids), self.max_prompt_tokens) // chunk * chunk
+        if n == 0 or any(k.tokens == ids[:n] for k in self.kept):
+            return n
+        cache = self.pool.acquire(ids)
+        try:
+            cache.trim(0)
+            while cache.offset < n:
+                part = ids[cache.offset : cache.offset + chunk]
+                self.stack.prefill_chunk(cache, part, self.embedding.lookup(part))
+            self.kept.append(KeptPrefix(ids[:n], self.stack.save_rows(cache, n)))
+        finally:
+            self.pool.release(cache)
+        return n
+
+    def _reuse_kept(self, cache: SequenceCache, prompt_ids: Sequence[int]) -> None:
+        """Give the cache a kept prefix's rows when that reuses more of the prompt than it holds."""
+        chunk = self.stack.chunk
+        have = reusable_prefix(cache.tokens, prompt_ids, chunk)
+        best, rows = None, have
+        for kept in self.kept:
+            usable = reusable_prefix(kept.tokens, prompt_ids, chunk)
+            if usable > rows:
+                best, rows = kept, usable
+        if best is None:
+            return
+        cache.trim(0)
+        self.stack.load_rows(cache, best.rows, rows)
+        cache.commit(0, best.tokens[:rows])
 
     def encode(self, text: str, *, parse_special_tokens: bool = False) -> list[int]:
         """A raw prompt's ids; its special-token texts are the tokens only with ``parse_special_tokens``."""
@@ -250,6 +301,8 @@ class LLMRunner:
         self.check_prompt(prompt_ids)
         cache = self.pool.acquire(prompt_ids)
         try:
+            if self.kept:
+                self._reuse_kept(cache, prompt_ids)
             yield from self._stream(prompt_ids, params, cache)
         finally:
             self.pool.release(cache)

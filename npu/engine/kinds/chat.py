@@ -4,6 +4,7 @@ repeating a word the client already has."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import secrets
 import time
 from collections.abc import Iterator
@@ -27,8 +28,10 @@ from npu.engine.job import WorkerJob
 from npu.engine.kinds import ModelFacts, StepOutcome
 from npu.engine.metrics import EngineMetrics
 from npu.llm.kv_cache import CacheMemoryError
-from npu.llm.params import GenerationResponse, TokenLogprob
+from npu.llm.params import GenerationParams, GenerationResponse, TokenLogprob
 from npu.llm.runner import ContextLengthError, LLMRunner
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,7 +58,9 @@ class ChatKind:
     request_type = ChatRequest
 
     def load(self, spec: ModelSpec, device_id: int, cache_slots: int) -> LLMRunner:
-        return LLMRunner.load(spec.path, backend=spec.runtime, device_id=device_id, cache_slots=cache_slots)
+        runner = LLMRunner.load(spec.path, backend=spec.runtime, device_id=device_id, cache_slots=cache_slots)
+        keep_prefixes(runner, spec)
+        return runner
 
     def facts(self, runner: Any) -> ModelFacts:
         return ModelFacts(context_length=getattr(runner, "context_length", None),
@@ -171,6 +176,26 @@ class ChatKind:
         request = job.handle.request
         assert isinstance(request, ChatRequest)
         return state_of(job).tokens_counted, request.params.max_tokens
+
+
+def keep_prefixes(runner: LLMRunner, spec: ModelSpec) -> None:
+    """Prefill the system prompts of the model's personas and keep them warm (``LLMRunner.keep_prefix``).
+
+    This runs at every load, so a reload or a card recovery rebuilds them before the first
+    request. One that cannot be kept (the card's memory is full) is logged; the model still serves.
+    """
+    for system in spec.prefixes:
+        try:
+            rows = runner.keep_prefix([{"role": "system", "content": system}])
+            # One short turn after it, so the runtime's first run at these lengths is not a visitor's.
+            turn = [{"role": "system", "content": system}, {"role": "user", "content": "Hello"}]
+            runner.generate(runner.encode_chat(turn), GenerationParams(max_tokens=2, temperature=0.0))
+        except Exception as exc:
+            logger.warning("%s: a persona's system prompt could not be kept warm: %s", spec.id, exc)
+            continue
+        if rows == 0:
+            logger.info("%s: a persona's system prompt is shorter than one prefill chunk (%d tokens); "
+                        "there is nothing to keep warm", spec.id, runner.stack.chunk)
 
 
 def count_tokens(job: WorkerJob, state: ChatState, total: int, now: float, metrics: EngineMetrics) -> None:
