@@ -74,7 +74,8 @@ class OpenAIError(Exception):
         retry_after = exc.retry_after
         if retry_after is None and status == 503:
             retry_after = 5
-        return cls(status, exc.message, type=kind, param=param or _PARAM.get(exc.code), code=exc.code.value,
+        param = param or exc.details.get("param") or _PARAM.get(exc.code)
+        return cls(status, exc.message, type=kind, param=param, code=exc.code.value,
                    retry_after=retry_after, extra=extra)
 
     def response(self, request: Request | None = None) -> JSONResponse:

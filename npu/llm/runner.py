@@ -159,6 +159,7 @@ class LLMRunner:
         """
         for _ in self.stream_generate(self.encode("Hello"), GenerationParams(max_tokens=2, temperature=0.0)):
             pass
+        self.grammars.tokenizer  # noqa: B018 -- structured output's token table, built once here
 
     @property
     def max_prompt_tokens(self) -> int:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import jinja2
 from jinja2 import meta
 
-from npu.llm.constraints import JSON_STYLE, Constraint, check_schema, grammar, lark_literal
+from npu.llm.constraints import JSON_STYLE, Constraint, check_schema, grammar, json_schema, lark_literal
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 ToolChoice = Literal["auto", "none", "required"] | str  # or the name of one function
@@ -68,8 +68,9 @@ def tool_constraint(tools: Sequence[Mapping[str, Any]], choice: ToolChoice, para
         name = str(function.get("name"))
         if choice not in ("auto", "required") and name != choice:
             continue
-        schema = check_schema(function.get("parameters") or {"type": "object", "properties": {}},
-                              f"tools[{i}].function.parameters")
+        where = f"tools[{i}].function.parameters"
+        schema = check_schema(function.get("parameters") or {"type": "object", "properties": {}}, where)
+        json_schema(schema, field=where)  # an unenforceable keyword is named by its tool
         schema = {**schema, "x-guidance": JSON_STYLE}
         head = lark_literal(f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": ')
         rules.append(f"fn{i}: {head} args{i} \"}}\"\nargs{i}: %json {json.dumps(schema)}")

@@ -28,7 +28,7 @@ from npu.engine.job import WorkerJob
 from npu.engine.kinds import ModelFacts, StepOutcome
 from npu.engine.metrics import EngineMetrics
 from npu.llm.kv_cache import CacheMemoryError
-from npu.llm.params import GenerationParams, GenerationResponse, TokenLogprob
+from npu.llm.params import GenerationParams, GenerationResponse, ParamError, TokenLogprob
 from npu.llm.runner import ContextLengthError, LLMRunner
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ class ChatKind:
                        "context_length": runner.context_length}
             raise EngineError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc), details=details) from exc
         except ValueError as exc:
-            raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from exc
+            named = {"param": exc.fields[0]} if isinstance(exc, ParamError) else None
+            raise EngineError(ErrorCode.BAD_REQUEST, str(exc), details=named) from exc
         return request, ChatState(prompt_ids=prompt_ids)
 
     def steps(self, job: WorkerJob, runner: Any) -> Iterator[GenerationResponse]:
