@@ -84,6 +84,7 @@ class Component(_HaModel):
     suggested_display_precision: int | None = None
     image_topic: str | None = None
     content_type: str | None = None
+    options: list[str] | None = None  # a select's choices
 
 
 class Removed(_HaModel):
@@ -105,6 +106,7 @@ class DiscoveryPayload(_HaModel):
 OPTIONAL_COMPONENTS: dict[str, str] = {
     "picture": "image",  # with an image model
     "picture_prompt": "text",  # with an image model
+    "scene": "select",  # with scenes: the current one, and a choice that switches it
 }
 
 
@@ -126,7 +128,7 @@ _SENSORS: tuple[tuple[str, str, str | None, str | None, str | None, str | None, 
 
 def build_discovery(
     topics: Topics, *, version: str, model_ids: list[str], name: str | None = None,
-    display: str | None = None, image_type: str = "image/png",
+    display: str | None = None, image_type: str = "image/png", scenes: list[str] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The config topic and payload (``None`` values left out).
 
@@ -163,6 +165,10 @@ def build_discovery(
             content_type=image_type)
         add("picture_prompt", platform="text", name="Picture prompt", command_topic=topics.request("image"),
             min=1, max=255, mode="text", icon="mdi:image-edit")
+    if scenes:
+        add("scene", platform="select", name="Scene", command_topic=topics.request("scene"),
+            state_topic=topics.scene, value_template="{{ value_json.scene }}", options=scenes,
+            icon="mdi:theater")
     for object_id, platform in OPTIONAL_COMPONENTS.items():
         components.setdefault(object_id, Removed(platform=platform))
     payload = DiscoveryPayload(

@@ -117,6 +117,8 @@ FIGURES = {"temperature_c": 61.5, "npu_load_pct": 37.0, "cmm_free_mib": 812, "to
            "queue_depth": 2}
 STATE = {"state": "busy", "queue_depth": 2, "running": 1, "queue_max": 32, "reason": None, "ts": 1.0}
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))  # the bytes are passed on, never decoded
+JPEG = b"\xff\xd8\xff\xe0" + bytes(range(32))  # a step preview's bytes, passed on the same way
+QUEUE = {"length": 2, "running": 1, "queue_max": 32, "eta_s": 4.4, "ts": 1.0}
 META = {"id": "p1", "prompt": "a lighthouse in a storm at night", "seed": 42, "steps": 4,
         "content_type": "image/png", "bytes": len(PNG)}
 
@@ -197,6 +199,7 @@ class FakeAppliance:
         self.publish(t.status, "online", retain=True)
         self.publish(t.state, json.dumps(STATE), retain=True)
         self.publish(t.display("main"), PNG, retain=True, properties={"content_type": "image/png"})
+        self.publish(t.queue, json.dumps(QUEUE), retain=True)
         self.publish(t.display_meta("main"), json.dumps(META), retain=True).wait_for_publish(5)
 
     def _on_request(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -409,6 +412,7 @@ def test_every_widget_shows_its_topic_under_the_base_topic(running: Running) -> 
         (w("ui-chart", "Queue depth"), lambda m: m["_datapoint"]["y"], 2),
         (w("ui-text", "Status"), lambda m: m["payload"], "online"),
         (w("ui-text", "State"), lambda m: m["payload"], "busy: 1 running, 2 waiting"),
+        (w("ui-text", "Queue"), lambda m: m["payload"], "2 waiting, a new prompt starts in about 4 s"),
         (w("ui-template", "latest image"), lambda m: m["payload"],
          "data:image/png;base64," + base64.b64encode(PNG).decode()),
         (w("ui-text", "Image prompt"), lambda m: m["payload"],
@@ -451,6 +455,20 @@ def test_an_error_reply_shows_its_message(running: Running) -> None:
     finally:
         running.appliance.error = None
     assert shown == ["Waiting for the answer...", "error: the queue is full, try again in 2 s"]
+
+
+def test_the_picture_in_progress_shows_each_preview_as_it_comes(running: Running) -> None:
+    dash, fake = running.dashboard, running.appliance
+    dash.wait(lambda: bool(dash.shown(running.widget("ui-text", "Image prompt"))), "the flow's subscriptions")
+    progress = running.widget("ui-template", "picture in progress")
+    assert dash.shown(progress) == [], "previews are not retained: nothing before a picture is made"
+    topic = fake.topics.display_preview("main")
+    for step in range(2):
+        fake.publish(topic, JPEG + bytes([step]), qos=0, properties={"content_type": "image/jpeg"})
+        dash.wait(lambda n=step: len(dash.shown(progress)) == n + 1, f"preview {step + 1}")
+    shown = [m["payload"] for m in dash.shown(progress)]
+    sent = [JPEG + bytes([s]) for s in range(2)]
+    assert shown == ["data:image/jpeg;base64," + base64.b64encode(data).decode() for data in sent]
 
 
 def test_node_red_ran_it_without_a_node_error(running: Running) -> None:
