@@ -90,6 +90,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, demo_bundle_fp32: Path, sd_bun
     (tmp / "blocked.txt").write_text("brimstone\n")
     config = write_config(tmp, broker.port, BASE, demo_bundle_fp32, models=models,
                           moderation={"enabled": True, "blocklist": str(tmp / "blocked.txt")},
+                          personas=[{"name": "coyote", "model": "demo", "system": "You are a coyote."}],
                           http={"enabled": True, "host": "127.0.0.1", "port": port, "api_key": KEY},
                           device={"backend": "sim", "health_interval": 0.25},
                           images={"display": "lobby", "format": "png"})
@@ -192,7 +193,8 @@ def test_the_console_asks_for_the_key_and_loads_without_errors(browser: Any, rig
                                arg=temperature)
         assert page.inner_text("[data-device='0'] [data-field=thermal]") == "normal"
         page.wait_for_selector("#log li[data-event=model_loaded]", state="attached")
-        assert page.eval_on_selector_all("#chat-model option", "os => os.map(o => o.value)") == ["demo"]
+        options = page.eval_on_selector_all("#chat-model option", "os => os.map(o => o.value)")
+        assert options == ["demo", "coyote"], "the models and personas /v1/models lists, no image model"
         assert page.eval_on_selector_all("#image-model option", "os => os.map(o => o.value)") == ["sd"]
         time.sleep(0.5)
         assert watched.problems == [], watched.problems
