@@ -29,7 +29,7 @@ from npu.llm.layer_stack import LayerStack
 from npu.llm.logits_processors import TokenHistory, make_logits_processors
 from npu.llm.logprobs import token_logprob
 from npu.llm.model_args import ModelArgs
-from npu.llm.params import GenerationParams, GenerationResponse, TokenLogprob, Usage
+from npu.llm.params import GenerationParams, GenerationResponse, ParamError, TokenLogprob, Usage
 from npu.llm.prompt_tokens import PromptEncoder
 from npu.llm.sampling import make_sampler
 from npu.llm.stops import StopMatcher
@@ -229,8 +229,8 @@ class LLMRunner:
         """What only the model can tell: every ``logit_bias`` key is one of its token ids."""
         bad = [t for t, _ in params.logit_bias if t >= self.args.vocab_size]
         if bad:
-            raise ValueError(f"logit_bias: {bad[0]} is not a token id of this model (ids run from 0 "
-                             f"to {self.args.vocab_size - 1})")
+            raise ParamError([f"logit_bias: {bad[0]} is not a token id of this model (ids run from 0 "
+                              f"to {self.args.vocab_size - 1})"], ["logit_bias"])
 
     def describe_token(self, token: int) -> tuple[str, bytes]:
         """A token's text and exact bytes, as logprobs show them."""
