@@ -91,6 +91,11 @@ class Topics:
     def event(self) -> str:
         return f"{self.base}/event"
 
+    @property
+    def scene(self) -> str:
+        """The current scene, retained JSON (``appliance.scenes``)."""
+        return f"{self.base}/scene"
+
     # requests and replies ---------------------------------------------------------------------
     @property
     def request_prefix(self) -> str:

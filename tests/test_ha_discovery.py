@@ -67,7 +67,7 @@ def test_topic_ids_and_platforms() -> None:
 
 def test_every_component_runs_at_qos_1_and_the_connectivity_sensor_has_no_availability() -> None:
     """HA copies neither the device's qos nor, once a component sets its own, the availability."""
-    _, payload = build_discovery(TOPICS, version="1", model_ids=["sd"], display="lobby")
+    _, payload = build_discovery(TOPICS, version="1", model_ids=["sd"], display="lobby", scenes=["day"])
     assert "qos" not in payload, "HA ignores a device-level qos"
     for object_id, comp in payload["components"].items():
         assert comp["qos"] == 1, object_id
@@ -77,16 +77,25 @@ def test_every_component_runs_at_qos_1_and_the_connectivity_sensor_has_no_availa
 
 
 def test_components_an_installation_lacks_are_sent_platform_only_so_home_assistant_removes_them() -> None:
-    _, full = build_discovery(TOPICS, version="1", model_ids=["sd"], display="lobby")
+    _, full = build_discovery(TOPICS, version="1", model_ids=["sd"], display="lobby", scenes=["day", "night"])
     _, bare = build_discovery(TOPICS, version="1", model_ids=[])
     assert set(full["components"]) == set(bare["components"]), "the same object ids either way"
     optional = {k for k, c in bare["components"].items() if set(c) == {"platform"}}
-    assert optional == set(OPTIONAL_COMPONENTS) == {"picture", "picture_prompt"}
+    assert optional == set(OPTIONAL_COMPONENTS) == {"picture", "picture_prompt", "scene"}
     for object_id in optional:
         assert bare["components"][object_id]["platform"] == full["components"][object_id]["platform"]
         assert "unique_id" in full["components"][object_id]
     DiscoveryPayload.model_validate(bare)
     assert clear_discovery(TOPICS) == ("homeassistant/device/gallery_north/config", "")
+
+
+def test_scenes_are_a_select_that_shows_and_switches_the_scene() -> None:
+    _, payload = build_discovery(TOPICS, version="1", model_ids=[], scenes=["opening", "night"])
+    select = payload["components"]["scene"]
+    assert select["platform"] == "select" and select["options"] == ["opening", "night"]
+    assert select["command_topic"] == "gallery/north/request/scene"  # HA sends the option as plain text
+    assert select["state_topic"] == "gallery/north/scene"
+    assert select["value_template"] == "{{ value_json.scene }}"
 
 
 def test_templates_render_as_home_assistant_would() -> None:
