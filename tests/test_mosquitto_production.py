@@ -135,11 +135,13 @@ def test_anonymous_and_wrong_passwords_are_refused(broker: Broker) -> None:
 # role: (may publish, may read); concrete topics, so reading is checked by delivery.
 ALLOWED: dict[str, tuple[list[str], list[str]]] = {
     "prompter": (["appliance/request/chat/prompter", "appliance/request/image/prompter",
-                  "appliance/request/cancel/prompter"],
+                  "appliance/request/cancel/prompter", "appliance/request/speak/prompter",
+                  "appliance/listen/prompter/audio"],
                  ["replies/prompter/chat", "replies/prompter/chat/text", "replies/prompter/chat/stream/a1",
                   "replies/prompter/chat/progress/a1", "appliance/status"]),
     "arduino-7": (["appliance/request/chat/arduino-7"], ["replies/arduino-7/chat", "replies/arduino-7/x/y"]),
-    "display": ([], ["appliance/display/main", "appliance/display/main/meta",
+    "display": ([], ["appliance/audio/lobby", "appliance/audio/lobby/chunk",
+                     "appliance/display/main", "appliance/display/main/meta",
                      "appliance/display/main/preview", "appliance/queue", "appliance/status"]),
     "dashboard": (["appliance/request/chat"],
                   ["appliance/telemetry", "appliance/telemetry/queue_depth", "appliance/status",
@@ -162,12 +164,14 @@ DENIED: dict[str, tuple[list[str], list[str]]] = {
                   "appliance/telemetry/queue_depth", "homeassistant/device/x/config",
                   # in public, or in another sender's name
                   "appliance/request/chat", "appliance/request/cancel", "appliance/request/chat/arduino-7",
-                  "appliance/request/cancel/arduino-7", "replies/prompter/chat"],
+                  "appliance/request/cancel/arduino-7", "replies/prompter/chat",
+                  "appliance/request/speak", "appliance/listen/arduino-7/audio"],
                  ["appliance/display/main", "appliance/request/chat", "appliance/event",
                   # the shared answers and streams, and every other sender's replies
                   "appliance/response/chat", "appliance/response/chat/text", "appliance/stream/a1",
                   "appliance/progress/a1", "replies/arduino-7/chat/progress/a1",
-                  "replies/arduino-7/chat", "replies/arduino-7/chat/text", "replies/x"]),
+                  "replies/arduino-7/chat", "replies/arduino-7/chat/text", "replies/x",
+                  "appliance/response/transcribe", "appliance/audio/lobby"]),
     "arduino-7": (["appliance/request/chat/arduino-8", "appliance/request/chat/prompter"],
                   ["replies/arduino-8/chat", "replies/prompter/chat"]),
     "display": (["appliance/request/chat", "appliance/request/image", "appliance/display/main"],
