@@ -9,6 +9,7 @@ docs/ (docs/console.png, docs/console-phone.png, docs/display.png).
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 import time
 from collections.abc import Iterator
@@ -334,6 +335,23 @@ def wait_shown(page: Any, sha: str, timeout: float = 60.0) -> None:
     page.wait_for_function("(sha) => document.body.dataset.shown === sha", arg=sha, timeout=timeout * 1000)
 
 
+def dusk_picture() -> bytes:
+    """A JPEG as an installation might publish it itself: a dusk sky, a sun, a skyline."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (800, 600))
+    draw = ImageDraw.Draw(image)
+    for y in range(600):
+        t = y / 599
+        draw.line([(0, y), (800, y)], fill=(int(40 + 200 * t), int(30 + 90 * t), int(90 - 40 * t)))
+    draw.ellipse((330, 300, 470, 440), fill=(255, 190, 90))
+    for x, height in ((0, 140), (90, 220), (170, 170), (260, 250), (480, 200), (560, 280), (680, 160)):
+        draw.rectangle((x, 600 - height, x + 100, 600), fill=(25, 20, 35))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
 def mqtt_picture(rig: Rig, request_id: str, prompt: str, seed: int) -> str:
     """Ask for a picture over MQTT; the sha256 of the picture the lobby display got."""
     topic = f"{BASE}/response/image"
@@ -383,6 +401,14 @@ def test_the_display_page_swaps_pictures_and_comes_back_after_restarts(
         wait_shown(kiosk, second)
         kiosk.wait_for_function(caption, arg="a forest in fog")
         assert kiosk.evaluate("document.querySelectorAll('.layer.shown').length") == 1
+
+        # A picture someone else publishes on the display's topic (a Node-RED flow, say) shows too.
+        dusk = dusk_picture()
+        rig.mqtt.publish(f"{BASE}/display/lobby", dusk)
+        rig.mqtt.publish(f"{BASE}/display/lobby/meta", {"prompt": "dusk over the sculpture garden",
+                                                         "sha256": hashlib.sha256(dusk).hexdigest()})
+        wait_shown(kiosk, hashlib.sha256(dusk).hexdigest())
+        kiosk.wait_for_function(caption, arg="dusk over the sculpture garden")
         time.sleep(0.5)
         kiosk.screenshot(path=str(DOCS / "display.png"))
 
