@@ -61,7 +61,8 @@ def chat_speed(engine: Engine, speech_every: float | None) -> float:
     if talker:
         talker.start()
     messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
-    events, _ = run(engine, ChatRequest(messages=messages, params=GenerationParams(max_tokens=200, temperature=0)))
+    greedy = GenerationParams(max_tokens=200, temperature=0)
+    events, _ = run(engine, ChatRequest(messages=messages, params=greedy))
     stop.set()
     if talker:
         talker.join()
@@ -97,7 +98,8 @@ def main() -> None:
         print(f"TTS  Piper en_US-joe-medium: real-time factor median {statistics.median(tts_rtf):.3f} "
               f"(min {min(tts_rtf):.3f}, max {max(tts_rtf):.3f}); first sentence's audio after "
               f"{statistics.median(first) * 1e3:.0f} ms")
-        print(f"STT  Whisper tiny.en (CTranslate2 int8): real-time factor median {statistics.median(stt_rtf):.3f} "
+        print("STT  Whisper tiny.en (CTranslate2 int8): real-time factor median "
+              f"{statistics.median(stt_rtf):.3f} "
               f"(min {min(stt_rtf):.3f}, max {max(stt_rtf):.3f})")
         alone = statistics.median(chat_speed(engine, None) for _ in range(2))
         talking = statistics.median(chat_speed(engine, 1.0) for _ in range(2))
