@@ -184,15 +184,16 @@ class Layout:
 def make_npu_bundle(onnx_bundle: Path, dest: Path, layout: Layout | None = None) -> Path:
     """A converted bundle as AXERA ships it: ``.axmodel`` files declaring static shape groups.
 
-    Each ``.axmodel`` is the ONNX graph with the groups of ``layout`` in its metadata; the
-    embedding's fp32 ``.npy`` (a CPU twin's extra) is left out.
+    Each ``.axmodel`` is the ONNX graph with the groups of ``layout`` in its metadata, its
+    weights inside it; the CPU twin's extras (the embedding's fp32 ``.npy``, the twin graph and
+    the weights file the graphs share) are left out.
     """
     layout = layout or Layout()
     cfg = json.loads((onnx_bundle / "config.json").read_text())
     hidden, kv_dim = cfg["hidden_size"], cfg["head_dim"] * cfg["num_key_value_heads"]
     dest.mkdir(parents=True, exist_ok=True)
     for item in onnx_bundle.iterdir():
-        if not item.is_file() or item.suffix == ".npy":
+        if not item.is_file() or item.suffix == ".npy" or item.name.endswith(("_twin.onnx", "_weights.bin")):
             continue
         if item.suffix != ".onnx":
             (dest / item.name).write_bytes(item.read_bytes())

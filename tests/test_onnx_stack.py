@@ -1,5 +1,6 @@
-"""The CPU twin's stack: decode attends over the rows in use, prefill runs unpadded, same results.
+"""The per-layer CPU stack: decode attends over the rows in use, prefill runs unpadded, same results.
 
+It runs a bundle's per-layer graphs (a bundle without a twin graph, converted before format 3).
 The static path (``LayerStack``, the NPU's way: every decode over the whole cache, every chunk
 padded to 128) runs on the same sessions as the reference.
 """
@@ -10,9 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from npu.llm.layer_stack import LayerStack
+from npu.llm.layer_stack import LayerStack, find_bundle_files, plan_layers
 from npu.llm.onnx_stack import OnnxLayerStack
 from npu.llm.runner import LLMRunner
+from npu.runtime.factory import open_sessions
+
+
+def per_layer_stack(bundle: Path, runner: LLMRunner) -> OnnxLayerStack:
+    """The bundle's per-layer graphs on ONNX Runtime, as a bundle without a twin graph runs."""
+    files = find_bundle_files(bundle, runner.args.num_hidden_layers, ".onnx")
+    _, sessions = open_sessions(bundle, lambda _: [*files.layer_stems, files.post_stem], "onnx")
+    return OnnxLayerStack(sessions[:-1], sessions[-1], runner.args, plan_layers(sessions[:-1], runner.args))
 
 
 class _Spy:
@@ -73,8 +82,7 @@ def test_decode_attends_over_rows_in_use_and_matches_the_static_path(
 ) -> None:
     _, bundle = tiny_bundles["qwen2"]
     runner = LLMRunner.load(bundle, backend="onnx")
-    stack = runner.stack
-    assert isinstance(stack, OnnxLayerStack)
+    stack = per_layer_stack(bundle, runner)
     seen: list[tuple[str, tuple[int, ...]]] = []
     layers = [_Spy(stack.layers[0], seen), *stack.layers[1:]]
     spied = OnnxLayerStack(layers, stack.post, stack.args, stack.plan)  # type: ignore[arg-type]
@@ -89,6 +97,7 @@ def test_decode_attends_over_rows_in_use_and_matches_the_static_path(
     # Prefill: a whole chunk, then the 5 remaining tokens unpadded; decode: the rows stored + itself.
     assert seen == [("prefill", (1, 128, hidden)), ("prefill", (1, 5, hidden)),
                     *(("decode", (1, 1, 133 + i + 1)) for i in range(4))]
+    stack.close()
     runner.close()
 
 
@@ -96,7 +105,7 @@ def test_two_conversations_keep_their_own_bindings(tiny_bundles: dict[str, tuple
     """Alternating decode between two caches (two jobs) gives each its own answer."""
     _, bundle = tiny_bundles["llama"]
     runner = LLMRunner.load(bundle, backend="onnx")
-    stack = runner.stack
+    stack = per_layer_stack(bundle, runner)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(10, runner.args.vocab_size - 10, n).tolist() for n in (7, 19)]
     alone = [_greedy(stack, runner, p, 6)[0] for p in prompts]
@@ -110,4 +119,5 @@ def test_two_conversations_keep_their_own_bindings(tiny_bundles: dict[str, tuple
             together[i].append(int(np.argmax(stack.logits(hidden[i]))))
             hidden[i] = stack.decode(cache, together[i][-1], runner.embedding.lookup(together[i][-1:]))
     assert together == alone
+    stack.close()
     runner.close()

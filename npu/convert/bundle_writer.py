@@ -1,4 +1,6 @@
-"""GGUF -> bundle directory (config, tokenizer, embedding, per-layer ONNX graphs).
+"""GGUF -> bundle directory (config, tokenizer, embedding, per-layer ONNX graphs, the twin graph).
+
+The per-layer graphs and the twin graph share one weights file (``weight_file``).
 
 Everything is written into a temporary sibling directory that is renamed into place at the end,
 so an interrupted conversion never leaves a half bundle where the runner would look.
@@ -19,7 +21,10 @@ from npu.convert.gguf_source import GGUFSource, Hyperparams, file_sha256, unperm
 from npu.convert.layer_graphs import LayerShape, LayerWeights, Weight, build_layer, build_post
 from npu.convert.quant4 import BLOCK, from_q4_1, from_q4_1_offsets, from_q8_0, quantize, quantize_int
 from npu.convert.tokenizer_export import eos_token_ids, write_tokenizer
+from npu.convert.twin_graphs import TwinGraph
+from npu.convert.weight_file import WeightFile
 from npu.llm.model_args import BUNDLE_FORMAT
+from npu.llm.twin_names import twin_file_name, weights_file_name
 from npu.staged_folder import staged_folder
 
 logger = logging.getLogger(__name__)
@@ -175,9 +180,17 @@ def _write_bundle(src: GGUFSource, hp: Hyperparams, meta: dict[str, Any], out: P
 
     loader = _WeightLoader(src, bits, q4_form)
     shape = LayerShape(hp.hidden, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.rms_eps, hp.rope_theta)
-    for i in range(hp.num_layers):
-        model = build_layer(loader.layer(i), shape, i, max_positions=kv_cache_len)
-        onnx.save_model(model, str(out / f"{hp.arch}_p{PREFILL_CHUNK}_l{i}_together.onnx"))
+    twin = TwinGraph(shape, max_positions=kv_cache_len)
+    with WeightFile(out / weights_file_name(hp.arch)) as weights:
+        for i in range(hp.num_layers):
+            w = loader.layer(i)
+            model = weights.externalize(build_layer(w, shape, i, max_positions=kv_cache_len))
+            onnx.save_model(model, str(out / f"{hp.arch}_p{PREFILL_CHUNK}_l{i}_together.onnx"))
+            mark = len(twin.g.inits)
+            twin.add(w)  # the same weights: stored once, both graphs point at them
+            weights.store(twin.g.inits[mark:])
+            logger.info("layer %d/%d converted", i + 1, hp.num_layers)
+        onnx.save_model(twin.model(), str(out / twin_file_name(hp.arch)))
     head_name = "token_embd.weight" if hp.tied else "output.weight"
     if bits is None:
         lm_head: Weight = embed if hp.tied else src.tensor(head_name)

@@ -112,6 +112,11 @@ class LayerStack:
             files = find_bundle_files(bundle_dir, args.num_hidden_layers, EXTENSIONS[concrete])
             return [*files.layer_stems, files.post_stem]
 
+        if resolve_backend(bundle_dir, backend) == "onnx":
+            from npu.llm.twin_stack import TwinLayerStack
+
+            if TwinLayerStack.present(bundle_dir, args):  # the CPU twin's own graph: one run per token
+                return TwinLayerStack.open(bundle_dir, args, threads=threads)
         concrete, sessions = open_sessions(bundle_dir, stems, backend, device_id=device_id, threads=threads)
         try:
             plan = plan_layers(sessions[:-1], args)

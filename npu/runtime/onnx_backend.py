@@ -48,7 +48,7 @@ class OnnxSession:
     backend = "onnx"
     group_count = None  # one graph with dynamic dimensions serves every shape group
 
-    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None, spin: bool = False) -> None:
         ort = _import_onnxruntime()
         self.path = str(path)
         opts = ort.SessionOptions()
@@ -58,8 +58,9 @@ class OnnxSession:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
         # A bundle is one session per layer, each with its own pool: spinning workers of idle
-        # pools would steal the cores from the one session running (10x slower decode).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # pools would steal the cores from the one session running (10x slower decode). ``spin``
+        # is for a session that runs alone (the twin graph, every layer in one run).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self._sess = ort.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
         self._inputs = [self._info(n) for n in self._sess.get_inputs()]
@@ -119,9 +120,9 @@ class OnnxBinding:
         self._keep["in:" + name] = array
         self._io.bind_ortvalue_input(name, value if value is not None else self.value(array))
 
-    def output(self, name: str, array: np.ndarray) -> None:
+    def output(self, name: str, array: np.ndarray, value=None) -> None:  # type: ignore[no-untyped-def]
         self._keep["out:" + name] = array
-        self._io.bind_ortvalue_output(name, self.value(array))
+        self._io.bind_ortvalue_output(name, value if value is not None else self.value(array))
 
     def run(self) -> None:
         self._sess.run_with_iobinding(self._io)
