@@ -291,6 +291,13 @@ def test_restart_needs_a_confirmation_then_the_card_comes_back(console: Watched,
     wait_state(page, "paused")
     page.click("#resume")
     wait_state(page, "idle")
+    page.evaluate("""() => { window.__states = []; const badge = document.getElementById('state');
+        new MutationObserver(() => window.__states.push(badge.dataset.state))
+          .observe(badge, {attributes: true, attributeFilter: ['data-state']}); }""")
+    page.click("#reload")
+    page.wait_for_function("() => window.__states.includes('recovering')", timeout=30_000)
+    wait_state(page, "idle", timeout=60)
+    page.wait_for_function("() => document.getElementById('action-note').textContent === ''", timeout=30_000)
     page.click("#restart")
     assert page.is_visible("#restart-confirm")
     time.sleep(0.5)
