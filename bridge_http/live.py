@@ -53,6 +53,7 @@ class LiveFeed:
         self._thread: threading.Thread | None = None
         self._tokens: tuple[float, float] | None = None  # (monotonic time, tokens) of the last sample
         self._last_queue: list[dict[str, Any]] = []
+        self._eta: float | None = None
         self._shown_queue: list[dict[str, Any]] | None = None  # what changed is sent, not the clock
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -102,18 +103,19 @@ class LiveFeed:
             sse("devices", self.devices()),
             sse("history", list(self.history)),
             sse("log", list(self.log)),
-            sse("queue", {"jobs": self._last_queue}),
+            sse("queue", {"jobs": self._last_queue, "eta_s": self._eta}),
         ]
 
     def publish_queue(self) -> None:
         """Every waiting and running job, sent when anything about them changed."""
         jobs = [dataclasses.asdict(job) for job in self.engine.jobs()]
-        shown = [{k: v for k, v in job.items() if k != "waited_s"} for job in jobs]
+        eta = self.engine.queue().eta_s  # when a request sent now would start, from measured figures
+        shown = [{k: v for k, v in job.items() if k != "waited_s"} for job in jobs] + [{"eta_s": eta}]
         with self._lock:
             if shown == self._shown_queue:
                 return
-            self._shown_queue, self._last_queue = shown, jobs
-            self._publish_locked("queue", {"jobs": jobs})
+            self._shown_queue, self._last_queue, self._eta = shown, jobs, eta
+            self._publish_locked("queue", {"jobs": jobs, "eta_s": eta})
 
     def devices(self) -> list[dict[str, Any]]:
         cards = []

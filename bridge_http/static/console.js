@@ -63,7 +63,10 @@
 
   // A queue event holds every job: {jobs: [{id, kind, sender, state, position, step, steps, ...}]}.
   function showQueue(data) {
-    jobs = new Map((data.jobs || data || []).map((job) => [job.id, job]));
+    jobs = new Map((data.jobs || []).map((job) => [job.id, job]));
+    const eta = data.eta_s;
+    $("queue-eta").textContent = typeof eta !== "number" || eta < 1 ? "" :
+      "A request sent now would start in about " + Math.round(eta) + " s.";
     paintQueue();
   }
 
@@ -96,7 +99,9 @@
     if (job.steps) return job.step + " / " + job.steps;
     if (job.prompt_tokens) return (job.prompt_done || 0) + " / " + job.prompt_tokens + " prompt";
     if (job.tokens) return job.tokens + " tokens";
-    if (job.eta_s !== undefined && job.eta_s !== null) return "about " + Math.round(job.eta_s) + " s";
+    if (job.eta_s !== undefined && job.eta_s !== null) {
+      return (job.state === "running" ? "ends" : "starts") + " in about " + Math.round(job.eta_s) + " s";
+    }
     return "";
   }
 

@@ -429,6 +429,7 @@ class JobInfo:
     waited_s: float  # since it was submitted
     step: int | None = None  # a running job's progress, where its kind tells it
     steps: int | None = None
+    eta_s: float | None = None  # its last place's estimate: until it starts (queued) or ends (running)
 
 
 StateListener = Callable[[EngineState], None]

@@ -383,7 +383,8 @@ class Engine:
                        sender=job.handle.request.sender, state=state, position=position,
                        waited_s=round(now - job.handle.submitted, 1),
                        step=getattr(place, "step", None) if state == "running" else None,
-                       steps=getattr(place, "steps", None) if state == "running" else None)
+                       steps=getattr(place, "steps", None) if state == "running" else None,
+                       eta_s=getattr(place, "eta_s", None))
 
     def _waiting_by_sender(self) -> dict[str, int]:
         with self._lock:
