@@ -31,6 +31,7 @@ from appliance.health import HealthChecks, TelemetryJob, make_scheduler
 from appliance.journal import Journal
 from appliance.mqtt_link import InboundMessage, MqttLink
 from appliance.ready import http_base_url, ready_message
+from appliance.scenes import Scenes
 from appliance.telemetry import state_figures
 from appliance.topics import Topics
 from appliance.wyoming_server import WyomingServer, WyomingSettings
@@ -95,18 +96,22 @@ class Appliance:
         if config.journal.enabled:
             self.journal = Journal(config.journal_path(), sync=config.journal.sync,
                                    window=config.journal.dedup_window)
+        self.scenes = Scenes(config.scenes, self.engine, self.link.publish, self.topics,
+                             self.engine.emit_event)
         context = HandlerContext(
             self.engine, self.link.publish, self.topics, Limits(max_payload=config.mqtt.max_payload),
             images=config.image_defaults(),
             sim=self.monitor if isinstance(self.monitor, SimMonitor) else None,
             journal=self.journal,
             moderation=make_gate(config, self.engine.emit_event, self.engine.registry),  # MQTT and console
+            scenes=self.scenes,
         )
         self.telemetry = TelemetryJob(
             self.engine, self.health, self.link.publish, self.topics, self.started_at
         )
         self.scheduler = make_scheduler(self.health, self.telemetry, config.device.health_interval,
                                         config.telemetry.interval)
+        self.scenes.register(self.scheduler)  # each scene's start as a cron job
         self.listening = Listening(context)  # microphones on {base}/listen/<node>/...
         wyoming = config.voice.wyoming
         self.wyoming = WyomingServer(self.engine, WyomingSettings(
@@ -142,6 +147,7 @@ class Appliance:
             self.display_feed.start()
         self.engine.add_event_listener(lambda name, fields: self.event(name, **fields))
         self.engine.start(wait_loaded=False)
+        self.scenes.start()  # the scene in force by the schedule, before any request is taken
         self._start_wyoming()
         self.scheduler.start()
         self._ready = threading.Thread(target=self._when_loaded, name="when-loaded", daemon=True)
@@ -255,6 +261,8 @@ class Appliance:
     def publish_retained(self) -> None:
         self.link.publish(self.topics.info, json.dumps(self.info()), qos=1, retain=True)
         self.engine.notify_state(force=True)  # through the engine, in order with every other change
+        if self.scenes.current is not None:
+            self.link.publish(self.topics.scene, json.dumps(self.scenes.payload()), qos=1, retain=True)
         self.publish_discovery()
 
     def publish_discovery(self, force: bool = False) -> None:
@@ -272,7 +280,8 @@ class Appliance:
             topic, payload = build_discovery(self.topics, version=app_version(),
                                              model_ids=[m.id for m in self.config.models],
                                              name=self.config.homeassistant.name,
-                                             display=self._picture_display, image_type=self._picture_type)
+                                             display=self._picture_display, image_type=self._picture_type,
+                                             scenes=self.scenes.names() or None)
             if force or discovery_changed(self._discovery, payload):
                 self.link.publish(topic, json.dumps(payload), qos=1, retain=True)
                 self._discovery = payload

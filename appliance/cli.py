@@ -237,7 +237,50 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("some models are missing or cannot run; 'appliance models demo' creates the demo one",
               file=sys.stderr)
         return 1
+    check_personas(config)
     return 0 if check_cmm(config) else 1
+
+
+def check_personas(config: ApplianceConfig) -> None:
+    """Print each persona with how much of its system prompt is kept warm, and each scene's schedule."""
+    from datetime import datetime
+
+    from tokenizers import Tokenizer
+
+    from appliance.scenes import next_start
+    from npu.llm.chat_template import ChatTemplate
+    from npu.llm.layer_stack import find_bundle_files
+    from npu.llm.model_args import ModelArgs
+    from npu.llm.prompt_tokens import PromptEncoder
+
+    models = {m.id: m for m in config.models}
+    for persona in config.engine_personas():
+        model = models[persona.model or ""]
+        path = config.model_path(model)
+        try:
+            args = ModelArgs.load(path)
+            chunk = find_bundle_files(path, args.num_hidden_layers, ".onnx").chunk
+        except (OSError, ValueError):
+            chunk = 128
+        # The prefix as the runner keeps it: the system message through the model's chat template.
+        encoder = PromptEncoder(Tokenizer.from_file(str(path / "tokenizer.json")))
+        tokens = len(encoder.encode_chat(ChatTemplate.from_bundle(path),
+                                         [{"role": "system", "content": persona.system}],
+                                         add_generation_prompt=False))
+        warm = tokens // chunk * chunk
+        note = (f"{warm} tokens kept warm" if warm else
+                f"SHORTER THAN ONE PREFILL CHUNK ({chunk} tokens): nothing is kept warm; a longer system "
+                "prompt would start faster")
+        print(f"persona    {persona.name} on {model.id}: system prompt {tokens} tokens, {note}")
+    now = datetime.now().astimezone()
+    for scene in config.scenes:
+        start = next_start(scene, now)
+        when = f"starts '{scene.start}', next {start:%a %d %b %Y %H:%M}" if start else "only by request"
+        personas = ", ".join(scene.personas) if scene.personas is not None else "all"
+        extra = "".join([f", default {scene.default_persona}" if scene.default_persona else "",
+                         f", loads {', '.join(scene.load)}" if scene.load else "",
+                         f", unloads {', '.join(scene.unload)}" if scene.unload else ""])
+        print(f"scene      {scene.name}: {when}; personas {personas}{extra}")
 
 
 def bundle_problem(path: Path, kind: str) -> str | None:
@@ -283,15 +326,20 @@ def check_cmm(config: ApplianceConfig) -> bool:
     from appliance.device_monitor import make_device_monitor
     from npu.device.cmm_plan import CmmPlan, bundle_mib
 
-    needs = {m.id: bundle_mib(config.model_path(m)) for m in config.models if m.preload}
+    sizes = {m.id: bundle_mib(config.model_path(m)) for m in config.models}
+    # What is resident at the start, and during each scene (its loads in, its unloads out).
+    sets = [("", config.resident_models())] + [(f" in scene {s.name}", config.resident_models(s))
+                                               for s in config.scenes]
     monitor = make_device_monitor(config)
     fits = True
     try:
         for device in config.device.ids:
             reading = monitor.read(device)
-            plan = CmmPlan(needs, reading.cmm_total_mib, reading.cmm_free_mib)
-            print(f"cmm        device {device} ({monitor.name}): {plan.describe()}")
-            fits = fits and plan.fits is not False
+            for label, resident in sets:
+                needs = {m.id: sizes[m.id] for m in resident}
+                plan = CmmPlan(needs, reading.cmm_total_mib, reading.cmm_free_mib)
+                print(f"cmm        device {device} ({monitor.name}){label}: {plan.describe()}")
+                fits = fits and plan.fits is not False
     finally:
         monitor.close()
     if not fits:

@@ -101,6 +101,13 @@ class ImageDefaults:
         return self.preview_size if wanted else None
 
 
+class SceneSwitch(Protocol):
+    """What the ``scene`` request may do with the scenes: list them, switch to one."""
+
+    def names(self) -> list[str]: ...
+    def switch(self, name: str, reason: str = ...) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class HandlerContext:
     engine: EngineClient
@@ -111,6 +118,7 @@ class HandlerContext:
     sim: Any = None  # the simulated card (``npu.device.sim.SimMonitor``) when device.backend is sim
     journal: JournalLike | None = None  # durable acceptance of chat and image requests
     moderation: Gate | None = None  # the gate for public prompts (``moderation:``); None: off
+    scenes: SceneSwitch | None = None  # the installation's scenes (``appliance.scenes``); None: none
 
 
 class HandlerError(Exception):

@@ -161,6 +161,12 @@ class ResumePayload(_Payload):
     """``{base}/request/resume``."""
 
 
+class ScenePayload(_Payload):
+    """``{base}/request/scene``: the scene to switch to (plain text: its name)."""
+
+    scene: StrictStr = Field(min_length=1, max_length=64)
+
+
 class ReloadPayload(_Payload):
     model: StrictStr | None = None
 

@@ -47,12 +47,14 @@ from handlers.payloads import (
     ReloadPayload,
     RestartPayload,
     ResumePayload,
+    ScenePayload,
     SimPayload,
     decode_payload,
     usable_id,
     validate_payload,
 )
 from handlers.reply import Reply, Route, publish_all, route_reply
+from handlers.scene import handle_scene
 from handlers.speech import SpeakPayload, handle_speak
 from npu.engine.api import EngineError
 
@@ -97,6 +99,7 @@ def build_registry() -> dict[str, HandlerSpec]:
         HandlerSpec("reload", ReloadPayload, handle_reload, text_field="model"),
         HandlerSpec("restart", RestartPayload, handle_restart, text_field="reason"),
         HandlerSpec("sim", SimPayload, handle_sim, text_field="fault"),
+        HandlerSpec("scene", ScenePayload, handle_scene, text_field="scene"),
     ]
     return {spec.op: spec for spec in specs}
 

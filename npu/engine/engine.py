@@ -281,7 +281,27 @@ class Engine:
             self._work.notify_all()
         self._notify_state()
 
-    def reload(self, model_id: str | None = None, timeout: float | None = None) -> None:
+    def loaded_models(self) -> set[str]:
+        """The models every device holds now."""
+        workers = list(self.workers)
+        return {m for m in self.specs if all(m in w.runners for w in workers)}
+
+    def load_model(self, model_id: str, timeout: float | None = None) -> None:
+        """Load a model on every device that lacks it (a scene's); the card's CMM is checked first."""
+        if model_id not in self.loaded_models():
+            self.reload(model_id, timeout)
+            missing = [w.device_id for w in self.workers if model_id not in w.runners]
+            if missing:
+                reason = next((w.reason for w in self.workers if w.reason), "it did not load")
+                raise EngineError(ErrorCode.UNAVAILABLE, f"model {model_id} could not be loaded: {reason}")
+
+    def unload_model(self, model_id: str, timeout: float | None = None) -> None:
+        """Take a model off every device once running jobs finish, freeing its memory (a scene's)."""
+        if any(model_id in w.runners for w in self.workers):
+            self.reload(model_id, timeout, unload=True)
+
+    def reload(self, model_id: str | None = None, timeout: float | None = None, *,
+               unload: bool = False) -> None:
         """Reload resident models on every device once running jobs finish; queued jobs wait.
 
         Refused at once, saying what to do, when no worker would carry it out (a failed or
@@ -290,7 +310,7 @@ class Engine:
         if model_id is not None and model_id not in self.specs:
             raise EngineError(ErrorCode.MODEL_NOT_FOUND, f"no model {model_id!r} here")
         self._check_reloadable()
-        done = [(worker, worker.request_reload(model_id)) for worker in list(self.workers)]
+        done = [(worker, worker.request_reload(model_id, unload=unload)) for worker in list(self.workers)]
         with self._work:
             self._work.notify_all()
         self._notify_state()

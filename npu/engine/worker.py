@@ -88,6 +88,7 @@ class DeviceWorker(threading.Thread):
         self._active: list[WorkerJob] = []
         self._active_lock = threading.Lock()
         self._reload: tuple[str | None, threading.Event] | None = None
+        self._unload_only = False  # the pending reload only unloads its model (a scene frees the card)
 
     # status, read from other threads ---------------------------------------------------------
     @property
@@ -129,8 +130,10 @@ class DeviceWorker(threading.Thread):
             job.handle.cancel()
         return len(jobs)
 
-    def request_reload(self, model_id: str | None) -> threading.Event:
+    def request_reload(self, model_id: str | None, *, unload: bool = False) -> threading.Event:
+        """Reload these models (all: None) once no job runs; ``unload`` only takes one off the card."""
         done = threading.Event()
+        self._unload_only = unload
         self._reload = (model_id, done)
         return done
 
@@ -200,7 +203,11 @@ class DeviceWorker(threading.Thread):
         specs = [s for s in self.specs if model_id is None or s.id == model_id]
         self.close_runners([s.id for s in specs])  # the old models leave the card before the new load
         self.reason = None
-        self._load(specs)
+        if self._unload_only:
+            self.state = "ready"
+            self.engine.notify_state()
+        else:
+            self._load(specs)
         self._reload = None
         done.set()
 
