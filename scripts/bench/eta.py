@@ -125,20 +125,21 @@ def main() -> int:
         finally:
             engine.stop()
     unknown = sum(1 for s in warm if s.first_eta == -1.0)
-    start_err, start_wait, end_err, end_wait = [], [], [], []
-    for item in (s for run in runs for s in run):
-        if item.started is None or item.ended is None:
-            continue
-        if item.first_eta is not None and item.first_eta >= 0:
-            start_err.append(abs(item.first_eta - (item.started - item.submitted)))
-            start_wait.append(item.started - item.submitted)
-        if item.end_eta is not None:
-            end_err.append(abs(item.end_eta - (item.ended - item.started)))
-            end_wait.append(item.ended - item.started)
     print(f"\n{args.bursts} bursts of {args.jobs} mixed requests (about 30% pictures), after a warm-up of 4 "
           f"({unknown} of them had no figures yet):")
-    report("wait to start (queued)", start_err, start_wait)
-    report("time to end (running)", end_err, end_wait)
+    for kinds, label in ((("chat", "image"), "all"), (("chat",), "chat"), (("image",), "image")):
+        start_err, start_wait, end_err, end_wait = [], [], [], []
+        for item in (s for run in runs for s in run if s.kind in kinds):
+            if item.started is None or item.ended is None:
+                continue
+            if item.first_eta is not None and item.first_eta >= 0:
+                start_err.append(abs(item.first_eta - (item.started - item.submitted)))
+                start_wait.append(item.started - item.submitted)
+            if item.end_eta is not None:
+                end_err.append(abs(item.end_eta - (item.ended - item.started)))
+                end_wait.append(item.ended - item.started)
+        report(f"{label}: wait to start", start_err, start_wait)
+        report(f"{label}: time to end", end_err, end_wait)
     print("\nmeasured figures (seconds per unit):")
     for model, phases in figures.items():
         shown = ", ".join(f"{phase} {f['seconds_per_unit'] * 1e3:.1f} ms" for phase, f in phases.items())
