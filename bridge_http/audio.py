@@ -34,13 +34,12 @@ from npu.engine.api import (
     TranscriptionRequest,
     TranscriptionResult,
 )
-from npu.speech.audio import decode_file, resample, to_pcm16, wav_bytes
+from npu.speech.audio import decode_file, pcm16_clip, resample, to_pcm16, wav_bytes
 from npu.speech.params import (
     LANGUAGE_PATTERN,
     MAX_AUDIO_BYTES,
     MAX_SPEECH_CHARS,
     SPEED_RANGE,
-    Clip,
     Segment,
     SpeechInputError,
     SpeechParams,
@@ -118,18 +117,12 @@ async def stream_pcm(group: JobGroup) -> AsyncIterator[bytes]:
             _, event = item
             if isinstance(event, SpeechAudio):
                 piece = event.piece
-                clip = Clip(_floats(piece.pcm), piece.rate)
+                clip = pcm16_clip(piece.pcm, piece.rate)
                 yield to_pcm16(resample(clip, OPENAI_PCM_RATE).samples)
             elif isinstance(event, Failed | Done):
                 return
     finally:
         group.cancel()
-
-
-def _floats(pcm: bytes) -> Any:
-    import numpy as np
-
-    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
 
 
 @router.post(TRANSCRIPTIONS)

@@ -81,7 +81,8 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 AXCLRT = "AXCLRTExecutionProvider"
 AXENGINE = "AxEngineExecutionProvider"
 GROUPS_KEY = "axmodel.groups"
-DTYPES = {"bfloat16": BF16, "float32": np.dtype(np.float32), "uint32": np.dtype(np.uint32)}
+DTYPES = {"bfloat16": BF16, "float32": np.dtype(np.float32), "uint32": np.dtype(np.uint32),
+          "int32": np.dtype(np.int32)}  # _axclrt.py:40-41 (Whisper's token, offset and mask)
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from npu.runtime.factory import resolve_backend
+from npu.speech.axera_whisper import AxWhisperRunner, find_model_type
 from npu.speech.whisper_model import WhisperRunner, is_ctranslate2_whisper
 
 OPENAI_STT_MODELS = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
@@ -16,8 +18,11 @@ def load_transcriber(folder: Path, runtime: str = "auto", device_id: int = 0) ->
                                 "('appliance models demo' installs Whisper tiny.en)")
     if is_ctranslate2_whisper(folder):
         return WhisperRunner.load(folder)
-    raise FileNotFoundError(f"{folder} holds no speech-to-text model this appliance runs "
-                            "(Whisper in CTranslate2 form: model.bin, config.json)")
+    if find_model_type(folder) is not None:  # AXERA's layout: the card (or its simulated runtime)
+        return AxWhisperRunner(folder, resolve_backend(folder, runtime), device_id)
+    raise FileNotFoundError(f"{folder} holds no speech-to-text model this appliance runs (Whisper "
+                            "in CTranslate2 form: model.bin, config.json; or AXERA's <type>-encoder.axmodel, "
+                            "<type>-decoder.axmodel, <type>-tokens.txt, <type>_config.json)")
 
 
 def resolve_stt_model(model: str | None, installed: list[str]) -> str | None:
