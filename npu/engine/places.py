@@ -74,8 +74,9 @@ class Places:
             return Planned(id(job), None, None)
         seconds, steps = cost
         if running:
-            spent_s = sum(s for s, _ in job.spent.values())
-            spent_n = sum(n for _, n in job.spent.values())
+            spent = list(job.spent.values())  # the worker adds to it meanwhile
+            spent_s = sum(s for s, _ in spent)
+            spent_n = sum(n for _, n in spent)
             per_step = seconds / steps
             steps = max(1.0, steps - spent_n)
             seconds = max(per_step, seconds - spent_s)
@@ -106,15 +107,18 @@ class Places:
             return
         with self._lock:
             self._last = now
-            plan = plan_of()
-            waiting, devices = plan
-            starts, ends, _ = self.forecast(plan)
-            for i, job in enumerate(waiting):
-                self._send(job, Place("queued", i + 1, _round(starts.get(id(job)))), now)
-            for _, running in devices:
-                for job in running:
-                    step, steps = self._progress(job)
-                    self._send(job, Place("running", None, _round(ends.get(id(job))), step, steps), now)
+            try:
+                plan = plan_of()
+                waiting, devices = plan
+                starts, ends, _ = self.forecast(plan)
+                for i, job in enumerate(waiting):
+                    self._send(job, Place("queued", i + 1, _round(starts.get(id(job)))), now)
+                for _, running in devices:
+                    for job in running:
+                        step, steps = self._progress(job)
+                        self._send(job, Place("running", None, _round(ends.get(id(job))), step, steps), now)
+            except Exception:  # a notice must never break a submit, a step or a job's end
+                logger.exception("announcing the queue's places failed")
 
     @staticmethod
     def _progress(job: WorkerJob) -> tuple[int | None, int | None]:
