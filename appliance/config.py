@@ -484,7 +484,8 @@ class ModelConfig(BaseConfig):
 
 def _demo_models() -> list[ModelConfig]:
     return [ModelConfig(id=DEMO_MODEL_ID, kind="chat", path=f"models/{DEMO_MODEL_ID}", runtime="auto"),
-            ModelConfig(id="joe-us-medium", kind="tts", path="models/joe-us-medium"),  # appliance/demo_voice.py
+            # the voices appliance/demo_voice.py installs
+            ModelConfig(id="joe-us-medium", kind="tts", path="models/joe-us-medium"),
             ModelConfig(id="whisper-tiny-en", kind="stt", path="models/whisper-tiny-en")]
 
 
