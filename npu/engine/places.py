@@ -5,8 +5,8 @@ they step, and ``npu.engine.eta`` plays them forward with the measured figures. 
 place as a ``Place`` event: when its position changes (at once), when it starts running (at once),
 and otherwise at most once every ``every`` seconds when its estimate moved, so a queue of thirty
 does not flood the broker. A job's kind tells the phases of its steps and the work it will do
-(``eta_phase``, ``eta_work``, ``eta_units``, ``eta_progress``); a kind without them runs as
-usual, its places carry no ``eta_s``, and the jobs behind it none either.
+(``eta_phase``, ``eta_work``, ``eta_units``, ``eta_progress``); for a kind without them (speech)
+each job's whole device time is the one figure, so its wait is its model's average job.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from npu.engine.api import ChatResult, ImageResult, Place, QueueInfo
-from npu.engine.eta import Figures, Planned, forecast
+from npu.engine.eta import Figures, Planned, Work, forecast
 from npu.engine.job import WorkerJob
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ __all__ = ["Places", "Plan", "QueueInfo"]
 # The waiting jobs in service order, and per worker its slot count and the jobs it steps.
 Plan = tuple[list[WorkerJob], list[tuple[int, list[WorkerJob]]]]
 MOVED_S = 1.0  # an estimate that moved less than this is not sent again
+WHOLE_JOB = "job"  # the one phase of a kind that names none: its jobs' device time as a whole
 
 
 def _round(value: float | None) -> float | None:
@@ -45,9 +46,8 @@ class Places:
     def step(self, job: WorkerJob, step: object, seconds: float) -> None:
         """A worker ran one step of ``job`` in ``seconds``: add them to its phase."""
         phase_of = getattr(job.kind, "eta_phase", None)
-        if phase_of is None:
-            return
-        spent = job.spent.setdefault(str(phase_of(job, step)), [0.0, 0.0])
+        phase = WHOLE_JOB if phase_of is None else str(phase_of(job, step))
+        spent = job.spent.setdefault(phase, [0.0, 0.0])
         spent[0] += seconds
         spent[1] += 1
 
@@ -55,10 +55,10 @@ class Places:
         """A job ended well: its phases' device time per unit of work feeds the figures. A job
         retried after a reset is left out (its time includes the lost run)."""
         units_of = getattr(job.kind, "eta_units", None)
-        if units_of is None or job.attempts:
+        if job.attempts:
             return
         try:
-            units = units_of(job, result)
+            units = {WHOLE_JOB: 1} if units_of is None else units_of(job, result)
         except Exception:
             logger.exception("the work of job %s could not be counted", job.handle.id)
             return
@@ -69,7 +69,7 @@ class Places:
 
     def _planned(self, job: WorkerJob, running: bool) -> Planned:
         work_of = getattr(job.kind, "eta_work", None)
-        cost = self.figures.cost(job.model_id, work_of(job)) if work_of is not None else None
+        cost = self.figures.cost(job.model_id, {WHOLE_JOB: Work(1)} if work_of is None else work_of(job))
         if cost is None:
             return Planned(id(job), None, None)
         seconds, steps = cost
