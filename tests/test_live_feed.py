@@ -97,3 +97,30 @@ def test_the_board_keeps_the_latest_pictures_behind_unguessable_tokens() -> None
         assert previews and str(previews[0][1]["src"]).startswith("data:image/jpeg;base64,")  # type: ignore[index]
 
     asyncio.run(run())
+
+
+def test_the_display_feed_sorts_the_display_topics_onto_the_board() -> None:
+    from types import SimpleNamespace
+
+    from appliance.display_feed import DisplayFeed
+    from appliance.topics import Topics
+
+    board = DisplayBoard()
+    feed = DisplayFeed(SimpleNamespace(), Topics("gallery"), board)  # type: ignore[arg-type]
+    red = picture("red")
+    feed.handle("gallery/display/north", red)
+    feed.handle("gallery/display/north/meta", b"{not json")
+    feed.handle("gallery/display/north/meta", json.dumps({"prompt": "red"}).encode())
+    feed.handle("gallery/display/south", b"")  # a cleared retained topic: nothing to show
+    feed.handle("other/display/east", red)  # another base topic
+    feed.handle("gallery/display/north/preview", picture("blue", "JPEG"))
+    latest = board.latest("north")
+    assert latest is not None and latest.data == red and latest.content_type == "image/png"
+    assert board.latest("south") is None and board.latest("east") is None
+
+    async def snapshot() -> list[tuple[str, object]]:
+        _, page = board.subscribe("north")
+        return events([page.queue.get_nowait(), page.queue.get_nowait()])
+
+    got = asyncio.run(snapshot())
+    assert [name for name, _ in got] == ["image", "meta"] and got[1][1] == {"prompt": "red"}
