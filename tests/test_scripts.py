@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["demo", "test", "setup_pi", "mosquitto_users", "bench_llm", "bench_mqtt", "bench_http",
            "bench_recovery", "bench_sampling", "bench_console",
-           "bench_eta", "bench_moderation", "lib/setup.sh"]
+           "bench_eta", "bench_moderation", "bench_persona", "lib/setup.sh"]
 
 
 def test_every_script_parses() -> None:

@@ -188,8 +188,9 @@ def keep_prefixes(runner: LLMRunner, spec: ModelSpec) -> None:
     for system in spec.prefixes:
         try:
             rows = runner.keep_prefix([{"role": "system", "content": system}])
-            # One short turn after it, so the runtime's first run at these lengths is not a visitor's.
-            turn = [{"role": "system", "content": system}, {"role": "user", "content": "Hello"}]
+            # One turn after it of nearly a chunk, so the runtime's first run at these lengths (its
+            # buffers grown to a question's size) is not a visitor's.
+            turn = [{"role": "system", "content": system}, {"role": "user", "content": "Hello. " * 40}]
             runner.generate(runner.encode_chat(turn), GenerationParams(max_tokens=2, temperature=0.0))
         except Exception as exc:
             logger.warning("%s: a persona's system prompt could not be kept warm: %s", spec.id, exc)
