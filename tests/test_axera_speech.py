@@ -150,3 +150,75 @@ def test_a_decoder_with_other_shapes_is_refused_at_load(tmp_path: Path, card: fa
     (folder / "tiny_config.json").write_text(json.dumps({**config, "n_text_ctx": CTX * 2}))
     with pytest.raises(ValueError, match=r"decoder input 1 \(self_k\) is \(2, 12, 16\), not \(2, 24, 16\)"):
         load_transcriber(folder, "axengine")
+
+
+# --- SenseVoice ------------------------------------------------------------------------------------
+SV_LEN, SV_DIM = 20, 560
+SV_TOKENS = ["<blank>", "<|en|>", "<|NEUTRAL|>", "<|Speech|>", "<|woitn|>", "▁Hello", "▁art", "▁lovers",
+             "JUNK", "<wrong-language>"]
+# per output frame: the four query tokens, then repeats and blanks to merge, then junk past the length
+SV_SCRIPT = [1, 2, 3, 4, 5, 5, 0, 6, 6, 6, 0, 0, 7, 7, 0, 0, 0, 0, 0, 0] + [8] * (SV_LEN + 4 - 20)
+
+
+def make_sensevoice(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    f32, i32, i64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
+    frames, vocab = SV_LEN + 4, len(SV_TOKENS)
+    nodes = [
+        # valid length = the mask's ones + the four queries (the length the model reports)
+        helper.make_node("ReduceSum", ["mask"], ["ones"], keepdims=0),
+        helper.make_node("Add", ["ones", "queries"], ["valid"]),
+        helper.make_node("Reshape", ["valid", "one_shape"], ["lengths"]),
+        # English (4) reads the script; any other language says so on every frame
+        helper.make_node("Reshape", ["language", "empty_shape"], ["lang"]),
+        helper.make_node("Equal", ["lang", "english"], ["is_en"]),
+        helper.make_node("Where", ["is_en", "script", "wrong"], ["picked"]),
+        helper.make_node("OneHot", ["picked", "depth", "onehot_values"], ["onehot"], axis=-1),
+        helper.make_node("Reshape", ["onehot", "logits_shape"], ["logits"]),
+        helper.make_node("ReduceMax", ["speech"], ["unused"], keepdims=0),
+    ]
+    init = [helper.make_tensor("queries", i32, [], [4]), helper.make_tensor("one_shape", i64, [1], [1]),
+            helper.make_tensor("empty_shape", i64, [0], []), helper.make_tensor("english", i32, [], [4]),
+            helper.make_tensor("script", i64, [frames], SV_SCRIPT),
+            helper.make_tensor("wrong", i64, [frames], [9] * frames),
+            helper.make_tensor("depth", i64, [], [vocab]),
+            helper.make_tensor("onehot_values", f32, [2], [0.0, 1.0]),
+            helper.make_tensor("logits_shape", i64, [3], [1, frames, vocab])]
+    ins = [("speech", "float32", [1, SV_LEN, SV_DIM]), ("mask", "int32", [SV_LEN + 4]),
+           ("language", "int32", [1])]
+    outs = [("logits", "float32", [1, frames, vocab]), ("lengths", "int32", [1])]
+    kinds = {"int32": i32, "float32": f32}
+    graph = helper.make_graph(nodes, "sensevoice",
+                              [helper.make_tensor_value_info(n, kinds[d], s) for n, d, s in ins],
+                              [helper.make_tensor_value_info(n, kinds[d], s) for n, d, s in outs], init)
+    save(graph, groups(ins, outs), dest / "sensevoice.axmodel")
+    (dest / "tokens.txt").write_text("\n".join(SV_TOKENS) + "\n")
+    vector = " ".join(["0"] * SV_DIM)
+    ones = " ".join(["1"] * SV_DIM)
+    (dest / "am.mvn").write_text(f"<Nnet>\n<AddShift> {SV_DIM} {SV_DIM}\n<LearnRateCoef> 0 [ {vector} ]\n"
+                                 f"<Rescale> {SV_DIM} {SV_DIM}\n<LearnRateCoef> 0 [ {ones} ]\n</Nnet>\n")
+    return dest
+
+
+def test_sensevoice_merges_repeats_drops_blanks_and_stops_at_the_length(tmp_path: Path,
+                                                                        card: fa.Card) -> None:
+    from npu.speech.axera_sensevoice import AxSenseVoiceRunner, features, read_cmvn
+
+    folder = make_sensevoice(tmp_path / "sensevoice")
+    model = load_transcriber(folder, "axengine")
+    assert isinstance(model, AxSenseVoiceRunner)
+    shift, scale = read_cmvn(folder / "am.mvn")
+    one_second = np.sin(np.arange(16000) / 16000 * 2 * np.pi * 300).astype(np.float32) * 0.3
+    # Kaldi frames: 1 + (16000 - 400) // 160 = 98; low frame rate: (98 - 7) // 6 + 1 = 16 of 560
+    assert features(one_second, shift, scale).shape == (16, 560)
+    # 16 frames of a 20-frame slice: valid length 20, so frames 4..19 are read, never the junk past it
+    segments = list(model.transcribe_steps(one_second, "en"))
+    assert [s.text for s in segments] == ["Hello art lovers"]
+    assert [s.text for s in model.transcribe_steps(one_second, "zh")] == ["<wrong-language>"]
+    # 2 s = 32 low-rate frames in slices of 20 overlapping by 16 (0.06 s a frame), to the last frame
+    two = np.concatenate([one_second, one_second])
+    spans = [(round(s.start, 2), round(s.end, 2)) for s in model.transcribe_steps(two, "en")]
+    assert spans == [(0.0, 1.2), (0.24, 1.44), (0.48, 1.68), (0.72, 1.92)]
+    with pytest.raises(ValueError, match="does not know language 'fr'"):
+        model.check_language("fr")
+    model.close()

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from npu.runtime.factory import resolve_backend
+from npu.speech.axera_sensevoice import AxSenseVoiceRunner, is_axera_sensevoice
 from npu.speech.axera_whisper import AxWhisperRunner, find_model_type
 from npu.speech.whisper_model import WhisperRunner, is_ctranslate2_whisper
 
@@ -20,9 +21,12 @@ def load_transcriber(folder: Path, runtime: str = "auto", device_id: int = 0) ->
         return WhisperRunner.load(folder)
     if find_model_type(folder) is not None:  # AXERA's layout: the card (or its simulated runtime)
         return AxWhisperRunner(folder, resolve_backend(folder, runtime), device_id)
+    if is_axera_sensevoice(folder):
+        return AxSenseVoiceRunner(folder, resolve_backend(folder, runtime), device_id)
     raise FileNotFoundError(f"{folder} holds no speech-to-text model this appliance runs (Whisper "
                             "in CTranslate2 form: model.bin, config.json; or AXERA's <type>-encoder.axmodel, "
-                            "<type>-decoder.axmodel, <type>-tokens.txt, <type>_config.json)")
+                            "<type>-decoder.axmodel, <type>-tokens.txt, <type>_config.json; or AXERA's "
+                            "sensevoice.axmodel, tokens.txt, am.mvn)")
 
 
 def resolve_stt_model(model: str | None, installed: list[str]) -> str | None:
