@@ -34,7 +34,8 @@ def tool_choice_of(body: ChatCompletionRequest) -> ToolChoice | None:
     choice = body.tool_choice
     if not body.tools:
         if choice not in (None, "none", "auto"):
-            raise _bad("tool_choice names a tool, but the request has no tools", "tool_choice")
+            raise _bad(f"tool_choice {choice if isinstance(choice, str) else choice.function.name!r} "
+                       "needs tools, and the request has none", "tool_choice")
         return None
     if choice is None:
         return "auto"
