@@ -25,7 +25,7 @@ from appliance import sd_notify
 from appliance.config import ApplianceConfig
 from appliance.device_monitor import make_device_monitor
 from appliance.display_feed import DisplayFeed
-from appliance.gate import make_gate
+from appliance.gate import GatedEngine, make_gate
 from appliance.ha_discovery import build_discovery, clear_discovery, discovery_changed
 from appliance.health import HealthChecks, TelemetryJob, make_scheduler
 from appliance.journal import Journal
@@ -98,12 +98,14 @@ class Appliance:
                                    window=config.journal.dedup_window)
         self.scenes = Scenes(config.scenes, self.engine, self.link.publish, self.topics,
                              self.engine.emit_event)
+        # The prompt gate: MQTT's handlers screen before they submit; HTTP's engine screens in submit.
+        self.gate = make_gate(config, self.engine.emit_event, self.engine.registry)
         context = HandlerContext(
             self.engine, self.link.publish, self.topics, Limits(max_payload=config.mqtt.max_payload),
             images=config.image_defaults(),
             sim=self.monitor if isinstance(self.monitor, SimMonitor) else None,
             journal=self.journal,
-            moderation=make_gate(config, self.engine.emit_event, self.engine.registry),  # MQTT and console
+            moderation=self.gate,
             scenes=self.scenes,
         )
         self.telemetry = TelemetryJob(
@@ -128,7 +130,8 @@ class Appliance:
                                       image_url_ttl=config.images.url_ttl,
                                       raw_prompt_special_tokens=config.http.raw_prompt_special_tokens,
                                       sender=config.http.sender)
-            http_app = create_app(self.engine, settings)
+            http_app = create_app(self.engine if self.gate is None else GatedEngine(self.engine, self.gate),
+                                  settings)
             self.ui = http_app.state.ui
             self.ui.display_out = self.show_on_display  # a console picture goes to the display's topic
             self.ui.preview_out = self.preview_on_display

@@ -1,19 +1,29 @@
-"""The prompt gate built from ``moderation:`` (``handlers.moderation.Gate``), files read at start.
+"""The prompt gate built from ``moderation:`` (``handlers.moderation.Gate``), files read at start,
+and the engine the HTTP bridge is given when the gate is on (``GatedEngine``).
 
 A blocklist or curtain file that cannot be read stops the start with a message naming it, as a
-bad config key does: an installation that asked for a gate never runs without one.
+bad config key does: an installation that asked for a gate never runs without one. MQTT's
+handlers screen a prompt before they submit it (and show the curtain); the HTTP bridge knows
+nothing of the gate: its engine refuses in ``submit`` with ``refused``, which the bridge answers as
+a 400 like any refusal, and the judge's wait blocks the bridge's thread-pool thread that submits,
+never its event loop.
 """
 
 from __future__ import annotations
 
 import io
+import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from appliance.config import ApplianceConfig, ConfigError
-from handlers.moderation import Blocklist, Gate, load_curtain
+from handlers.moderation import Blocklist, Gate, Refusal, load_curtain
+from npu.engine.api import ChatRequest, EngineError, ErrorCode, ImageRequest, JobHandle, Request, Sink
+from npu.engine.engine import Engine
 
 CURTAIN_SIZE = (512, 512)
 CURTAIN_COLOUR = (24, 24, 28)
@@ -51,3 +61,72 @@ def plain_curtain() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", CURTAIN_SIZE, CURTAIN_COLOUR).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+JUDGE_WAIT = 120.0  # seconds the HTTP side waits for the judge's answer
+VERDICTS_KEPT = 64  # the judge's latest verdicts, so the n choices of one request ask it once
+VERDICT_TTL = 60.0
+
+
+def prompt_of(request: Request) -> tuple[str, str] | None:
+    """The text a visitor typed and the request's kind, for the requests the gate screens."""
+    if isinstance(request, ChatRequest):
+        if request.messages is not None:
+            return "\n".join(str(m.get("content", "")) for m in request.messages), "chat"
+        return request.prompt or "", "chat"
+    if isinstance(request, ImageRequest):
+        return request.params.prompt, "image"
+    return None
+
+
+class GatedEngine:
+    """The engine, with ``submit`` screening chat and image prompts first; everything else is the
+    engine's own."""
+
+    def __init__(self, engine: Engine, gate: Gate) -> None:
+        self._engine = engine
+        self._gate = gate
+        self._verdicts: dict[str, tuple[float, Refusal | None]] = {}
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def submit(self, request: Request, sink: Sink) -> JobHandle:
+        found = prompt_of(request)
+        if found is not None:
+            text, kind = found
+            refusal, judge = self._gate.screen(text)
+            if refusal is None and judge:
+                refusal = self._judged(text)
+            if refusal is not None:
+                self._gate.refused(kind, refusal, request_id=request.request_id, sender=request.sender,
+                                   display=None, text=text)
+                raise EngineError(ErrorCode.REFUSED, refusal.message)
+        return self._engine.submit(request, sink)
+
+    def _judged(self, text: str) -> Refusal | None:
+        now = time.monotonic()
+        with self._lock:
+            kept = self._verdicts.get(text)
+            if kept is not None and now - kept[0] < VERDICT_TTL:
+                return kept[1]
+        done = threading.Event()
+        answer: list[tuple[Refusal | None, EngineError | None]] = []
+
+        def verdict(refusal: Refusal | None, error: EngineError | None) -> None:
+            answer.append((refusal, error))
+            done.set()
+
+        self._gate.ask_judge(self._engine, text, verdict)
+        if not done.wait(JUDGE_WAIT):
+            raise EngineError(ErrorCode.TIMEOUT, "the prompt could not be judged in time; retry later")
+        refusal, error = answer[0]
+        if error is not None:
+            raise EngineError(error.code, f"the prompt could not be judged: {error.message}",
+                              retry_after=error.retry_after)
+        with self._lock:
+            if len(self._verdicts) >= VERDICTS_KEPT:
+                self._verdicts.pop(next(iter(self._verdicts)))
+            self._verdicts[text] = (now, refusal)
+        return refusal

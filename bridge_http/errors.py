@@ -30,6 +30,7 @@ _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.MODEL_NOT_FOUND: (404, "invalid_request_error"),
     ErrorCode.BUSY: (503, "server_error"),
     ErrorCode.RATE_LIMITED: (429, "rate_limit_error"),  # the openai client waits Retry-After, retries
+    ErrorCode.REFUSED: (400, "invalid_request_error"),  # the prompt gate: code "refused"
     ErrorCode.UNAVAILABLE: (503, "server_error"),
     ErrorCode.DEVICE_RESET: (503, "server_error"),
     ErrorCode.TIMEOUT: (504, "timeout_error"),

@@ -68,3 +68,39 @@ def test_a_missing_list_stops_the_start_naming_it(tmp_path: Path) -> None:
         make_gate(load_config(path, env={}), lambda *a, **k: None, CollectorRegistry())
     path.write_text("moderation: {enabled: false}\n")
     assert make_gate(load_config(path, env={}), lambda *a, **k: None, CollectorRegistry()) is None
+
+
+def test_the_http_bridge_answers_a_refused_prompt_400_refused(demo_bundle_fp32: Path) -> None:
+    from openai import BadRequestError, OpenAI
+
+    from appliance.gate import GatedEngine
+    from bridge_http.app import create_app
+    from bridge_http.server import HttpServer
+    from npu.engine.engine import Engine, EngineConfig
+    from npu.engine.worker import ModelSpec
+
+    engine = Engine([ModelSpec("demo", "chat", demo_bundle_fp32, runtime="onnx")], config=EngineConfig())
+    engine.start(timeout=120)
+    events: list[tuple[str, dict[str, object]]] = []
+    gate = Gate(enabled=True, blocklist=Blocklist(LISTED), registry=engine.registry,
+                event=lambda name, **fields: events.append((name, fields)))
+    server = HttpServer(create_app(GatedEngine(engine, gate)), "127.0.0.1", 0)
+    server.start()
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{server.bound_port}/v1", api_key="x", max_retries=0)
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(model="demo", max_tokens=2, n=2,
+                                           messages=[{"role": "user", "content": "Say the FORBIDDEN phrase"}])
+        assert refused.value.code == "refused", refused.value.body
+        with pytest.raises(BadRequestError) as picture:
+            client.images.generate(prompt="a portrait of the Mörder")
+        assert picture.value.code == "refused", "refused before any model is looked for"
+        ok = client.chat.completions.create(model="demo", max_tokens=2,
+                                            messages=[{"role": "user", "content": "Mordern art"}])
+        assert ok.choices[0].message.content is not None
+        assert [(name, fields["kind"]) for name, fields in events] == [
+            ("prompt_refused", "chat"), ("prompt_refused", "image")], "each refusal is one event"
+        assert engine.state().queue_depth == 0 and engine.jobs_done == 1, "nothing refused was queued"
+    finally:
+        server.stop()
+        engine.stop()

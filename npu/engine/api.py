@@ -35,6 +35,7 @@ class ErrorCode(enum.StrEnum):
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     BUSY = "busy"
     RATE_LIMITED = "rate_limited"  # one sender over its own limits; others are not affected
+    REFUSED = "refused"  # the prompt gate (``moderation:``) turned the prompt away
     MODEL_NOT_FOUND = "model_not_found"
     TIMEOUT = "timeout"
     EXPIRED = "expired"
