@@ -212,3 +212,19 @@ def test_appliance_check_prints_personas_and_scenes_and_refuses_a_bad_schedule(
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="no persona 'raven'"):
         load_config(bad, env={})
+
+
+def test_the_coyote_example_of_operations_md_is_a_valid_config(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "OPERATIONS.md").read_text()
+    section = text[text.index("## Personas and scenes"):text.index("## Rehearsing on a bench")]
+    blocks = [yaml.safe_load(b.split("```")[0]) for b in section.split("```yaml\n")[1:]]
+    config = {**blocks[0], **blocks[1]}
+    path = tmp_path / "appliance.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_config(path, env={})
+    assert [p.name for p in loaded.personas] == ["coyote", "guide"]
+    coyote = loaded.engine_personas()[0]
+    assert coyote.defaults == {"temperature": 0.8, "top_p": 0.95, "max_tokens": 80, "stop": ("Visitor:",)}
+    assert [m.id for m in loaded.resident_models(loaded.scenes[1])] == ["smollm2-135m-instruct"]
+    assert loaded.engine.senders["sensor-*"].per_minute == 6
+    assert loaded.engine_settings().senders["console"].priority == 0
