@@ -24,6 +24,7 @@ from bridge_http.structured import (
     structure_text_stream,
     with_structure,
 )
+from npu.sentences import Chunker
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -45,6 +46,8 @@ async def handle_chat_completions(body: ChatCompletionRequest, request: Request)
     if body.stream:
         fmt = chat_format(cid, created, model, len(jobs), body.include_usage)
         fmt = structure_chat_stream(fmt, body, cid, created, model)
+        if body.chunk is not None and fmt.event_chunks is None:  # whole sentences for a speaker
+            fmt.chunkers = {i: Chunker(body.chunk, body.width) for i in range(len(jobs))}
         return StreamingResponse(
             stream_sse(group, fmt, bridge.settings.ping_interval, bridge.settings.progress_ping_interval),
             media_type="text/event-stream", headers=SSE_HEADERS,

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from npu.llm.params import PARAM_BOUNDS
+from npu.sentences import MAX_WIDTH, MIN_WIDTH
 from npu.validation import bounded
 
 MAX_STOP = 16
@@ -189,6 +190,9 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     enable_thinking: bool = False  # for reasoning models whose template knows the switch
+    # The appliance's own: a stream's deltas as whole sentences or lines of ``width`` (npu/sentences.py).
+    chunk: Literal["sentence", "line"] | None = None
+    width: int | None = Field(None, ge=MIN_WIDTH, le=MAX_WIDTH)
 
     @property
     def token_limit(self) -> int | None:

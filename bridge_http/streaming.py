@@ -23,6 +23,7 @@ from bridge_http import shapes
 from bridge_http.errors import OpenAIError
 from bridge_http.jobs import IDLE, JobGroup, cancel_on_disconnect
 from npu.engine.api import ChatResult, Delta, Done, Failed, Place, Progress
+from npu.sentences import Chunker
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -39,6 +40,8 @@ class StreamFormat:
     choices: int = 1
     include_usage: bool = False
     results: dict[int, ChatResult] = field(default_factory=dict)
+    # ``chunk``: each choice's text handed out in whole sentences or lines (npu/sentences.py).
+    chunkers: dict[int, Chunker] | None = None
     # Structured output (bridge_http/structured.py): the chunks of one delta (tool calls,
     # logprobs) and of a choice's end, in place of ``delta`` and ``finish``.
     event_chunks: Callable[[int, Delta], list[dict[str, Any]]] | None = None
@@ -94,6 +97,9 @@ async def stream_sse(
             if isinstance(event, Delta) and fmt.event_chunks is not None:
                 for chunk in fmt.event_chunks(index, event):
                     yield shapes.sse(chunk)
+            elif isinstance(event, Delta) and fmt.chunkers is not None:
+                for unit in fmt.chunkers[index].feed(event.text):
+                    yield shapes.sse(fmt.delta(index, unit))
             elif isinstance(event, Delta):
                 yield shapes.sse(fmt.delta(index, event.text))
             elif isinstance(event, Progress):
@@ -107,6 +113,8 @@ async def stream_sse(
                 result = event.result
                 assert isinstance(result, ChatResult)  # a chat job's result
                 fmt.results[index] = result
+                for unit in fmt.chunkers[index].flush() if fmt.chunkers is not None else ():
+                    yield shapes.sse(fmt.delta(index, unit))
                 for chunk in (fmt.closing(index, result) if fmt.closing is not None
                               else [fmt.finish(index, result.finish_reason)]):
                     yield shapes.sse(chunk)

@@ -84,3 +84,20 @@ def test_a_waiting_stream_hears_its_place_and_the_queue_says_how_long(base_url: 
     assert lines[-1] == "data: [DONE]"
     assert "".join(texts), "the openai client reads a stream with place comments as usual"
     assert httpx.get(f"{base_url}/queue", headers=auth).json()["length"] == 0
+
+
+def test_chunk_sentence_streams_whole_sentences_that_join_to_the_answer(base_url: str) -> None:
+    client = OpenAI(base_url=base_url, api_key="k", max_retries=0, timeout=60)
+    ask = {"model": MODEL, "max_tokens": 60, "temperature": 0, "seed": 3,
+           "messages": [{"role": "user", "content": "Tell a short story about a lighthouse."}]}
+    whole = client.chat.completions.create(**ask).choices[0].message.content  # type: ignore[call-overload]
+
+    def streamed(**extra: object) -> list[str]:
+        chunks = client.chat.completions.create(**ask, stream=True, extra_body=extra)  # type: ignore[call-overload]
+        return [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+
+    pieces = streamed(chunk="sentence")
+    assert "".join(pieces) == whole
+    assert len(pieces) >= 2 and all(p != p.rstrip() for p in pieces[:-1]), pieces
+    lines = streamed(chunk="line", width=20)
+    assert "".join(lines) == whole and all(len(line.rstrip()) <= 20 for line in lines), lines
