@@ -158,7 +158,6 @@ def test_http_clients_are_rate_limited_with_retry_after_and_counted_in_telemetry
     assert 1 <= float(raised.value.response.headers["retry-after"]) <= 60
     senders = app.telemetry.run()["senders"]
     assert senders["http:127.0.0.1"]["requests"] == 3 and senders["http:127.0.0.1"]["rate_limited"] == 1
-    assert senders["limited"]["rate_limited"] == 1
 
 
 def _job(sender: str | None, priority: int = 1) -> WorkerJob:
@@ -182,3 +181,20 @@ def test_the_service_order_is_what_pop_takes_and_positions_follow_it() -> None:
     taken = [queue.pop() for _ in range(len(queue))]
     assert [j.handle.request.sender for j in taken] == ["c", "b", "a", None, "a", "a"]
     assert len(queue) == 0 and queue.waiting_by_sender() == {}
+
+
+def test_senders_beyond_the_counted_ones_are_counted_together() -> None:
+    """Clients that change address on every request must not grow /metrics without bound."""
+    from prometheus_client import CollectorRegistry
+
+    from npu.engine.config import SenderLimits
+    from npu.engine.senders import MAX_COUNTED, SenderGate
+
+    registry = CollectorRegistry()
+    gate = SenderGate(SenderLimits(), {}, registry, dict)
+    for i in range(MAX_COUNTED + 5):
+        gate.accepted(f"http:10.0.{i // 256}.{i % 256}")
+    assert len(gate.counts) == MAX_COUNTED + 1 and gate.counts["other"].requests == 5
+    assert registry.get_sample_value("appliance_sender_requests_total", {"sender": "other"}) == 5
+    gate.accepted("http:10.0.0.1")  # one already counted keeps its own name
+    assert gate.counts["http:10.0.0.1"].requests == 2

@@ -228,3 +228,26 @@ def test_the_coyote_example_of_operations_md_is_a_valid_config(tmp_path: Path) -
     assert [m.id for m in loaded.resident_models(loaded.scenes[1])] == ["smollm2-135m-instruct"]
     assert loaded.engine.senders["sensor-*"].per_minute == 6
     assert loaded.engine_settings().senders["console"].priority == 0
+
+
+def test_a_scenes_models_are_prepared_ahead_of_its_start() -> None:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from appliance.persona_config import SceneConfig
+    from appliance.scenes import Scenes
+    from appliance.topics import Topics
+
+    now = datetime(2028, 2, 29, 21, 0).astimezone()
+    scene = SceneConfig(name="night", start="0 22 29 2 *", load=["tiny"], prepare=120)
+    scenes = Scenes([scene], None, lambda *a, **k: None, Topics("t"), lambda *a, **k: None,  # type: ignore[arg-type]
+                    clock=lambda: now)
+    scheduler = BackgroundScheduler()
+    scenes.register(scheduler)
+    scheduler.start(paused=True)
+    try:
+        prepare = scheduler.get_job("scene-prepare-night")
+        assert prepare is not None and prepare.next_run_time == now.replace(hour=21, minute=58)
+        start = scheduler.get_job("scene-night")
+        assert start is not None and start.next_run_time.year == 2028  # the real clock's next leap day
+    finally:
+        scheduler.shutdown(wait=False)

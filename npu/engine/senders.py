@@ -28,6 +28,8 @@ from npu.engine.api import EngineError, ErrorCode
 from npu.engine.config import SenderLimits
 
 PREFIX = "appliance"
+MAX_COUNTED = 500  # senders counted by name; more (HTTP addresses without end) are counted as "other"
+OTHER = "other"
 
 
 @dataclass
@@ -82,13 +84,20 @@ class SenderGate:
         rule = self.limits_of(sender)
         if rule.per_minute:
             self._window.hit(self._items[rule.per_minute], sender)
-        self.counts.setdefault(sender, SenderCounts()).requests += 1
-        self._requests.labels(sender).inc()
+        name = self._counted(sender)
+        self.counts.setdefault(name, SenderCounts()).requests += 1
+        self._requests.labels(name).inc()
 
     def rejected(self, sender: str, code: str) -> None:
-        counts = self.counts.setdefault(sender, SenderCounts())
+        name = self._counted(sender)
+        counts = self.counts.setdefault(name, SenderCounts())
         counts.rejected[code] = counts.rejected.get(code, 0) + 1
-        self._rejected.labels(sender, code).inc()
+        self._rejected.labels(name, code).inc()
+
+    def _counted(self, sender: str) -> str:
+        """The name a sender is counted under: its own, until ``MAX_COUNTED`` names are in use, so
+        clients that change address cannot grow the counters (and /metrics) without bound."""
+        return sender if sender in self.counts or len(self.counts) < MAX_COUNTED else OTHER
 
 
 class _WaitingCollector(Collector):
