@@ -288,6 +288,7 @@ class Engine:
 
     def load_model(self, model_id: str, timeout: float | None = None) -> None:
         """Load a model on every device that lacks it (a scene's); the card's CMM is checked first."""
+        self.wait_loaded(timeout)  # at start-up, the preloaded models first
         if model_id not in self.loaded_models():
             self.reload(model_id, timeout)
             missing = [w.device_id for w in self.workers if model_id not in w.runners]
@@ -297,6 +298,7 @@ class Engine:
 
     def unload_model(self, model_id: str, timeout: float | None = None) -> None:
         """Take a model off every device once running jobs finish, freeing its memory (a scene's)."""
+        self.wait_loaded(timeout)
         if any(model_id in w.runners for w in self.workers):
             self.reload(model_id, timeout, unload=True)
 
