@@ -20,6 +20,7 @@ HEADLINE = ("temperature_c", "cmm_free_mib", "npu_load_pct", "queue_depth", "run
             "requests", "errors", "uptime_s")
 STATE_FIGURES = ("queue_depth", "running")  # published with {base}/state, not on the telemetry interval
 GENERATION_TOKENS = "appliance_generation_tokens"  # the engine's counter, per model
+AUDIO_SECONDS = "appliance_audio_seconds"  # speech synthesised or transcribed, per model
 
 
 @dataclass
@@ -39,9 +40,14 @@ class TokenRate:
 
 def generated_tokens(engine: EngineClient) -> float:
     """Every model's generated tokens so far, from the engine's Prometheus registry."""
+    return counted(engine, GENERATION_TOKENS)
+
+
+def counted(engine: EngineClient, name: str) -> float:
+    """A counter of the engine's registry, summed over its models."""
     total = 0.0
     for metric in engine.registry.collect():
-        if metric.name == GENERATION_TOKENS:
+        if metric.name == name:
             total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
     return total
 
@@ -73,6 +79,7 @@ def build_telemetry(
         "tokens_per_s": round(tokens_per_s, 2),
         "requests": engine.jobs_done + engine.jobs_failed,
         "errors": engine.jobs_failed,
+        "audio_s": round(counted(engine, AUDIO_SECONDS), 1),  # seconds of speech spoken and heard
         **summarise(readings),
         "devices": [{**r.as_dict(), "thermal": thermal.get(r.device_id, "normal")} for r in readings],
         "senders": engine.senders(),

@@ -26,6 +26,7 @@ from mqtt_client import Client, write_config
 
 from appliance.app import Appliance
 from appliance.config import load_config
+from appliance.telemetry import build_telemetry
 from npu.engine.api import ChatRequest, Done, Failed, JobEvent, SpeechRequest, SpeechResult
 from npu.llm.params import GenerationParams
 from npu.speech.params import SpeechParams
@@ -87,6 +88,12 @@ def test_speech_transcribed_back_gives_the_same_words(voice_app: tuple[Appliance
     srt = httpx.post(f"{url}/v1/audio/transcriptions", files={"file": ("fox.wav", spoken)},
                      data={"model": "whisper-1", "response_format": "srt"}).text
     assert srt.startswith("1\n00:00:00,000 --> 00:00:0")
+    metrics = httpx.get(f"{url}/metrics").text  # counted like chat and images, for /metrics and MQTT
+    assert 'appliance_audio_seconds_total{model_name="joe"}' in metrics
+    assert 'appliance_audio_realtime_factor_count{model_name="whisper-tiny-en"}' in metrics
+    assert 'appliance_request_success_total{finished_reason="stt",model_name="whisper-tiny-en"}' in metrics
+    app = voice_app[0]
+    assert build_telemetry(app.engine, [], {}, 0.0, app.started_at)["audio_s"] > 4
 
 
 def test_pcm_is_streamed_at_openais_rate(voice_app: tuple[Appliance, str, str]) -> None:
