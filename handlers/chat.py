@@ -68,10 +68,10 @@ def build_params(req: ChatPayload, persona: Persona | None = None) -> Generation
 
 
 def find_persona(ctx: HandlerContext, name: str | None, model: str | None) -> Persona | None:
-    """The persona a request names; one that names neither a persona nor a model gets the scene's
-    default persona, if it has one."""
+    """The persona a request names (as ``persona``, or as ``model`` like over HTTP); one that names
+    neither a persona nor a model gets the scene's default persona, if it has one."""
     if name is None:
-        return ctx.engine.persona(None) if model is None else None
+        return ctx.engine.persona(model)
     persona = ctx.engine.persona(name)
     if persona is None:
         names = ", ".join(p.name for p in ctx.engine.personas()) or "none"
@@ -223,7 +223,8 @@ def handle_chat(req: ChatPayload, ctx: HandlerContext, reply: Reply, meta: Reque
         raise HandlerError("bad_request", "the prompt is empty")
     model = req.model
     if persona is not None:
-        messages, model = persona.messages(messages), model or persona.model
+        own = model if model != persona.name else None  # a model the request names beside the persona
+        messages, model = persona.messages(messages), own or persona.model
     check_prompt_chars(model, messages, ctx)
     try:
         request = ChatRequest(

@@ -166,6 +166,8 @@ def test_a_persona_over_mqtt_is_warm_and_bounded_and_a_wrong_one_is_named(
                                  "max_tokens": 3})
     assert guide["status"] == "ok" and guide["data"]["usage"]["completion_tokens"] <= 3, \
         "the request's own max_tokens wins"
+    as_model = ask(client, "chat", {"id": "c4", "model": "coyote", "prompt": "Hi", "max_tokens": 2})
+    assert as_model["status"] == "ok" and as_model["data"]["usage"]["cached_tokens"] >= 256, "as over HTTP"
     wrong = ask(client, "chat", {"id": "c3", "persona": "raven", "prompt": "Hi"})
     assert wrong["status"] == "error" and "raven" in wrong["error"]["message"]
 
