@@ -49,3 +49,16 @@ def test_figures_come_from_finished_jobs_and_typical_lengths_are_capped() -> Non
     assert steps == pytest.approx(4 + 10)
     figures.learn("chat", "decode", 20, 2.0, 20)  # slower now: 100 ms a token, moving average
     assert 0.05 < figures.as_dict()["chat"]["decode"]["seconds_per_unit"] < 0.1
+
+
+def test_higher_priority_work_arriving_lately_lengthens_a_lower_jobs_wait() -> None:
+    from npu.engine.places import ARRIVALS_S, Places
+
+    places = Places()
+    now = 1000.0
+    places._arrivals.extend([(now - 10, 1, 30.0), (now - 5, 1, 30.0), (now - 1, 2, 50.0)])  # chats, a picture
+    assert places._load_above(2, now, devices=1) == pytest.approx(60.0 / ARRIVALS_S), "chats go first"
+    assert places._load_above(1, now, devices=1) == 0.0, "nothing outranks a chat here"
+    assert places._load_above(2, now, devices=2) == pytest.approx(30.0 / ARRIVALS_S), "two devices share it"
+    places._arrivals.append((now, 0, 10_000.0))
+    assert places._load_above(2, now, devices=1) == 0.9, "capped: a wait never becomes infinite"

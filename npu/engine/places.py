@@ -6,7 +6,9 @@ place as a ``Place`` event: when its position changes (at once), when it starts 
 and otherwise at most once every ``every`` seconds when its estimate moved, so a queue of thirty
 does not flood the broker. A job's kind tells the phases of its steps and the work it will do
 (``eta_phase``, ``eta_work``, ``eta_units``, ``eta_progress``); for a kind without them (speech)
-each job's whole device time is the one figure, so its wait is its model's average job.
+each job's whole device time is the one figure, so its wait is its model's average job. A
+waiting job's wait also counts the higher-priority work that has kept arriving lately (device
+seconds per second over the last two minutes), since that work will go first.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +32,8 @@ __all__ = ["Places", "Plan", "QueueInfo"]
 Plan = tuple[list[WorkerJob], list[tuple[int, list[WorkerJob]]]]
 MOVED_S = 1.0  # an estimate that moved less than this is not sent again
 WHOLE_JOB = "job"  # the one phase of a kind that names none: its jobs' device time as a whole
+ARRIVALS_S = 120.0  # the recent past that says how much higher-priority work keeps arriving
+MAX_LOAD = 0.9
 
 
 def _round(value: float | None) -> float | None:
@@ -41,6 +46,7 @@ class Places:
         self.every = every
         self._lock = threading.Lock()  # one announcement at a time, so places arrive in order
         self._last = 0.0
+        self._arrivals: deque[tuple[float, int, float]] = deque()  # (when, priority, device seconds)
 
     # the figures ------------------------------------------------------------------------------
     def step(self, job: WorkerJob, step: object, seconds: float) -> None:
@@ -111,14 +117,36 @@ class Places:
                 plan = plan_of()
                 waiting, devices = plan
                 starts, ends, _ = self.forecast(plan)
+                self._arrived([j for j in waiting if j.place is None], now)
+                self._arrived([j for _, running in devices for j in running if j.place is None], now)
                 for i, job in enumerate(waiting):
-                    self._send(job, Place("queued", i + 1, _round(starts.get(id(job)))), now)
+                    start = starts.get(id(job))
+                    if start is not None:
+                        start /= 1.0 - self._load_above(int(job.handle.request.priority), now, len(devices))
+                    self._send(job, Place("queued", i + 1, _round(start)), now)
                 for _, running in devices:
                     for job in running:
                         step, steps = self._progress(job)
                         self._send(job, Place("running", None, _round(ends.get(id(job))), step, steps), now)
             except Exception:  # a notice must never break a submit, a step or a job's end
                 logger.exception("announcing the queue's places failed")
+
+    def _arrived(self, jobs: list[WorkerJob], now: float) -> None:
+        """Remember new jobs' priority and expected device time (the arrivals of the recent past)."""
+        for job in jobs:
+            seconds = self._planned(job, False).seconds
+            if seconds is not None:
+                self._arrivals.append((now, int(job.handle.request.priority), seconds))
+        while self._arrivals and now - self._arrivals[0][0] > ARRIVALS_S:
+            self._arrivals.popleft()
+
+    def _load_above(self, priority: int, now: float, devices: int) -> float:
+        """The share of the devices that higher-priority work arriving has taken lately: a job of
+        this priority still waiting gets only the rest, as later chats overtake a waiting picture."""
+        if not self._arrivals or devices == 0:
+            return 0.0
+        work = sum(seconds for _, p, seconds in self._arrivals if p < priority)
+        return min(MAX_LOAD, work / (ARRIVALS_S * devices))  # over the whole window: a burst counts once
 
     @staticmethod
     def _progress(job: WorkerJob) -> tuple[int | None, int | None]:
