@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 PCM_CHUNK = 2048  # bytes per chunk message: a PubSubClient buffer of 2.5 KB takes it
 MAX_LISTEN_SECONDS = 60.0  # one utterance; longer streams are transcribed at this point
 LISTEN_IDLE_S = 30.0  # a stream with no audio for this long is dropped (its node went away)
+MAX_STREAMS = 16  # microphones streaming at once; each holds at most MAX_LISTEN_SECONDS of audio
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
@@ -222,6 +223,12 @@ class Listening:
                    f"channels must be 1 or 2, not {start.channels}" if start.channels not in (1, 2) else None)
         if problem:
             reply.error("bad_request", problem)
+            return
+        with self._lock:
+            full = node not in self._open and len(self._open) >= MAX_STREAMS
+        if full:
+            reply.error("busy", f"{MAX_STREAMS} microphones are streaming already; retry when one has "
+                        "stopped", retry_after=5)
             return
         utterance = Utterance(start, reply, vad=UtteranceEnd() if start.vad else None)
         with self._lock:

@@ -27,6 +27,7 @@ from mqtt_client import Client, write_config
 from appliance.app import Appliance
 from appliance.config import load_config
 from appliance.telemetry import build_telemetry
+from handlers.speech import MAX_STREAMS
 from npu.engine.api import ChatRequest, Done, Failed, JobEvent, SpeechRequest, SpeechResult
 from npu.llm.params import GenerationParams
 from npu.speech.params import SpeechParams
@@ -234,6 +235,16 @@ def test_a_microphone_streams_an_utterance_and_gets_its_transcript(
         assert "publish listen/mic-2/start first" in errors[0]["error"]["message"]
         assert errors[1]["id"] == "u3" and "12345 Hz is not supported" in errors[1]["error"]["message"]
         assert errors[2]["id"] == "u4" and "width must be 2" in errors[2]["error"]["message"]
+
+        # a flood of microphones: at most MAX_STREAMS open at once, each named one answered busy
+        for n in range(MAX_STREAMS + 1):
+            mqtt.publish(f"{base}/listen/flood-{n}/start", {"id": f"f{n}", "vad": False})
+        last = f"f{MAX_STREAMS}"
+        mqtt.wait(lambda: any(r.get("id") == last for r in mqtt.json(f"{base}/response/transcribe")))
+        busy = next(r for r in mqtt.json(f"{base}/response/transcribe") if r.get("id") == last)
+        assert busy["error"]["code"] == "busy" and busy["error"]["retry_after"] == 5, busy
+        for n in range(MAX_STREAMS):
+            mqtt.publish(f"{base}/listen/flood-{n}/stop", b"")
     finally:
         mqtt.close()
 
