@@ -40,7 +40,7 @@ from npu.engine.job import WorkerJob
 from npu.engine.kinds import ModelFacts, Runner, all_kinds, kind_for_request
 from npu.engine.metrics import EngineMetrics
 from npu.engine.places import Places, Plan, QueueInfo
-from npu.engine.queue import ANONYMOUS, JobQueue
+from npu.engine.queue import JobQueue, request_sender
 from npu.engine.recovery import Recovery
 from npu.engine.senders import SenderCounts, SenderGate
 from npu.engine.worker import DeviceWorker, RunnerLoader
@@ -195,7 +195,7 @@ class Engine:
         except EngineError as exc:
             self.metrics.rejected.labels(exc.code.value).inc()
             with self._lock:
-                self._senders.rejected(request.sender or ANONYMOUS, exc.code.value)
+                self._senders.rejected(request_sender(request), exc.code.value)
             raise
 
     def _admit(self, request: Request, sink: Sink) -> JobHandle:
@@ -207,7 +207,7 @@ class Engine:
         if spec is None or spec.kind != kind.name:
             available = [m for m, s in self.specs.items() if s.kind == kind.name]
             raise kind.model_not_found(request.model, available)
-        priority = self._senders.limits_of(request.sender or ANONYMOUS).priority
+        priority = self._senders.limits_of(request_sender(request)).priority
         if priority is not None:
             request = dataclasses.replace(request, priority=Priority(priority))
         request, state = kind.admit(request, self._any_runner(spec.id))
@@ -226,7 +226,7 @@ class Engine:
                     f"the queue is full ({self.config.queue_max} waiting); retry later",
                     retry_after=self._retry_after_locked(),
                 )
-            sender = handle.request.sender or ANONYMOUS
+            sender = request_sender(handle.request)
             self._senders.check(sender, self._queue.waiting_of(sender))
             self._senders.accepted(sender)
             self._queue.push(job)

@@ -25,8 +25,13 @@ from npu.engine.job import WorkerJob, expires_at, expiry_error
 ANONYMOUS = "-"  # the lane of jobs whose request names no sender
 
 
+def request_sender(request: object) -> str:
+    """Who a request counts as; a job kind's request without a ``sender`` is anonymous."""
+    return getattr(request, "sender", None) or ANONYMOUS
+
+
 def sender_of(job: WorkerJob) -> str:
-    return job.handle.request.sender or ANONYMOUS
+    return request_sender(job.handle.request)
 
 
 class _Class:
