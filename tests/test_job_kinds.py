@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from npu.engine.api import Done, EngineError, ErrorCode, Failed, JobEvent, Priority, Progress
+from npu.engine.api import Done, EngineError, ErrorCode, Failed, JobEvent, Place, Priority, Progress
 from npu.engine.config import ModelSpec
 from npu.engine.engine import Engine
 from npu.engine.job import WorkerJob
@@ -112,7 +112,10 @@ def run(engine: Engine, request: EchoRequest) -> list[JobEvent]:
 
 
 def test_a_kind_the_engine_was_never_told_about_runs_end_to_end(engine: Engine) -> None:
-    events = run(engine, EchoRequest("one two three"))
+    heard = run(engine, EchoRequest("one two three"))
+    places = [e for e in heard if isinstance(e, Place)]
+    assert any(p.state == "running" for p in places), "even a kind the engine never knew hears its place"
+    events = [e for e in heard if not isinstance(e, Place)]
     assert [type(e) for e in events] == [Progress, Progress, Progress, Done]
     done = events[-1]
     assert isinstance(done, Done) and done.result.text == "one two three"  # type: ignore[union-attr]
