@@ -191,6 +191,10 @@ def test_logprobs_and_logit_bias(client: openai.OpenAI) -> None:
         model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0,
         logprobs=True, stream=True) if c.choices and c.choices[0].logprobs]
     assert "".join(e.token for lp in streamed for e in lp.content or []) == text
+    legacy = [c.choices[0].logprobs for c in client.completions.create(
+        model="demo", prompt="Hello", max_tokens=3, temperature=0, logprobs=2, stream=True)
+        if c.choices and c.choices[0].logprobs]
+    assert [t for lp in legacy for t in lp.tokens or []] == ids_out.choices[0].logprobs.tokens
 
 
 def test_logit_bias_bans_a_token(appliance) -> None:  # type: ignore[no-untyped-def]
