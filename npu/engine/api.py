@@ -306,6 +306,7 @@ class JobHandle:
         self._cancelled = threading.Event()
         self._finished = threading.Event()
         self.on_cancel: Callable[[JobHandle], None] | None = None  # the engine drops it from the queue
+        self._notices = threading.RLock()  # orders notices before the terminal event
 
     def cancel(self) -> None:
         """Stop this job: a waiting one leaves the queue at once, a running one at its next step.
@@ -328,13 +329,23 @@ class JobHandle:
 
     def finish(self, event: Done | Failed) -> None:
         """Deliver the terminal event exactly once (called by the engine)."""
-        if self._finished.is_set():
-            return
-        self.status = "done" if isinstance(event, Done) else "failed"
-        try:
-            self.sink(event)
-        finally:
-            self._finished.set()
+        with self._notices:  # a notice being delivered now goes first; none can follow
+            if self._finished.is_set():
+                return
+            self.status = "done" if isinstance(event, Done) else "failed"
+            try:
+                self.sink(event)
+            finally:
+                self._finished.set()
+
+    def notify(self, notice: Notice) -> bool:
+        """Deliver a notice (its place, a preview) unless the job has ended: never after its end.
+        False when it had ended."""
+        with self._notices:
+            if self._finished.is_set() or self.status in ("done", "failed"):
+                return False
+            self.sink(notice)
+            return True
 
 
 @dataclass(frozen=True)

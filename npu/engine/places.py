@@ -171,7 +171,7 @@ class Places:
             return
         job.place, job.place_at = place, now
         try:
-            handle.sink(place)
+            handle.notify(place)  # never after the job's end
         except Exception:
             logger.exception("sink of job %s failed on its place", handle.id)
 
