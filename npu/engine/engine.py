@@ -227,7 +227,7 @@ class Engine:
                     retry_after=self._retry_after_locked(),
                 )
             sender = request_sender(handle.request)
-            self._senders.check(sender, self._queue.waiting_of(sender))
+            self._senders.check(sender, self._queue.waiting_of(sender), self._retry_after_locked())
             self._senders.accepted(sender)
             self._queue.push(job)
             self._work.notify_all()

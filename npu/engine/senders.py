@@ -62,13 +62,14 @@ class SenderGate:
             return exact
         return next((r for pattern, r in self.rules.items() if fnmatchcase(sender, pattern)), self.default)
 
-    def check(self, sender: str, waiting: int) -> None:
-        """Raise ``rate_limited`` when this sender may not queue one more job now."""
+    def check(self, sender: str, waiting: int, per_job: float = 2.0) -> None:
+        """Raise ``rate_limited`` when this sender may not queue one more job now; ``per_job`` is
+        the engine's estimate of when a waiting job starts, the hint for a full lane."""
         rule = self.limits_of(sender)
         if rule.max_queued is not None and waiting >= rule.max_queued:
             raise EngineError(ErrorCode.RATE_LIMITED, (
                 f"sender {sender!r} already has {waiting} request(s) waiting, its limit; retry once "
-                "one is answered"), retry_after=2.0,
+                "one is answered"), retry_after=per_job,
                 details={"sender": sender, "max_queued": rule.max_queued})
         if rule.per_minute:
             item = self._items[rule.per_minute]
