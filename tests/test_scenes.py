@@ -115,6 +115,10 @@ def test_a_scheduled_start_on_a_simulated_clock_changes_the_personas_and_is_anno
     assert announced["next"]["scene"] == "opening" and announced["next"]["at"].startswith("2032-02-29T10:00")
     client.wait(lambda: any(e["event"] == "scene_changed" and e["scene"] == "night"
                             for e in client.json(f"{BASE}/event")))
+    oai = openai.OpenAI(base_url=f"http://127.0.0.1:{app.http.bound_port}/v1", api_key="x",  # type: ignore[union-attr]
+                        max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="not in the current scene"):
+        oai.chat.completions.create(model="guide", messages=[{"role": "user", "content": "Hi"}])
     refused = ask(client, "chat", {"id": "g1", "persona": "guide", "prompt": "Hello?"})
     assert refused["status"] == "error" and refused["error"]["code"] == "bad_request"
     assert "guide" in refused["error"]["message"] and "coyote" in refused["error"]["message"]

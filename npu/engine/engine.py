@@ -204,6 +204,10 @@ class Engine:
             raise EngineError(ErrorCode.BAD_REQUEST, f"no job kind runs a {type(request).__name__}")
         model_id = request.model or self.defaults.get(kind.name)
         spec = self.specs.get(self.aliases.get(model_id or "", model_id or ""))
+        if spec is None and request.model in self._personas:  # a persona the scene leaves out
+            names = ", ".join(p.name for p in self.personas()) or "none"
+            raise EngineError(ErrorCode.MODEL_NOT_FOUND, f"persona {request.model!r} is not in the current "
+                              f"scene; its personas: {names}")
         if spec is None or spec.kind != kind.name:
             available = [m for m, s in self.specs.items() if s.kind == kind.name]
             raise kind.model_not_found(request.model, available)
