@@ -29,9 +29,9 @@ from npu.runtime import Session
 from npu.runtime.onnx_backend import OnnxSession
 
 F32 = np.dtype(np.float32)
-# Whether the twin graph's pool may spin between operators (it runs alone: one session for every
-# layer) instead of sleeping and being woken for each; see docs/PERFORMANCE.md.
-TWIN_SPINS = False
+# How long the twin graph's pool may spin between operators (it runs alone: one session for every
+# layer) instead of sleeping and being woken for each, in microseconds; see docs/PERFORMANCE.md.
+TWIN_SPIN_US = 0
 
 
 class HeadMajorKVCache:
@@ -145,7 +145,7 @@ class TwinLayerStack(LayerStack):
         """Open the twin graph and the post model of ``bundle_dir`` on ONNX Runtime."""
         bundle_dir = Path(bundle_dir)
         files = find_bundle_files(bundle_dir, args.num_hidden_layers, ".onnx")
-        twin = OnnxSession(bundle_dir / twin_file_name(files.prefix), threads=threads, spin=TWIN_SPINS)
+        twin = OnnxSession(bundle_dir / twin_file_name(files.prefix), threads=threads, spin_us=TWIN_SPIN_US)
         try:
             post = OnnxSession(bundle_dir / f"{files.post_stem}.onnx", threads=threads)
             kv_len = args.kv_cache_len or DEFAULT_KV_CACHE_LEN

@@ -48,7 +48,7 @@ class OnnxSession:
     backend = "onnx"
     group_count = None  # one graph with dynamic dimensions serves every shape group
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, spin: bool = False) -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None, spin_us: int = 0) -> None:
         ort = _import_onnxruntime()
         self.path = str(path)
         opts = ort.SessionOptions()
@@ -58,10 +58,14 @@ class OnnxSession:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
         # A bundle is one session per layer, each with its own pool: spinning workers of idle
-        # pools would steal the cores from the one session running (10x slower decode). ``spin``
-        # is for a session that runs alone (the twin graph, every layer in one run).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        # pools would steal the cores from the one session running (10x slower decode). ``spin_us``
+        # is for a session that runs alone (the twin graph, every layer in one run): its workers
+        # spin that long between operators, and stop when a run ends.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us else "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if spin_us:
+            opts.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
         self._sess = ort.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
         self._inputs = [self._info(n) for n in self._sess.get_inputs()]
         self._outputs = [self._info(n) for n in self._sess.get_outputs()]

@@ -233,6 +233,8 @@ def main() -> int:
     parser.add_argument("--against-llama-cpp", action="store_true",
                         help="the twin and llama.cpp (llama-cpp-python, installed on demand) on the same "
                              "GGUF, prompt and threads, greedy: prefill and decode tok/s and their ratio")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="--against-llama-cpp: runs of each, in turn; the figures are their medians")
     parser.add_argument("--agreement", action="store_true",
                         help="greedy agreement of the 4-bit bundle and llama.cpp with the fp32 bundle")
     args = parser.parse_args()
@@ -244,7 +246,8 @@ def main() -> int:
         from scripts.bench.vs_llama_cpp import main as against_llama_cpp
 
         bits = 4 if args.bits in (None, 4) else None
-        return against_llama_cpp(args.models_dir, bits, args.prompt_tokens, args.decode_tokens, args.threads)
+        return against_llama_cpp(args.models_dir, bits, args.prompt_tokens, args.decode_tokens, args.threads,
+                                 args.rounds)
     if args.sim_card:
         from scripts.bench.sim_card import main as sim_card
 
