@@ -223,12 +223,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         path = config.model_path(model)
         if not path.is_dir():
             state, ok = "MISSING (no such folder)", False
-        elif (problem := bundle_problem(path, model.kind)) is not None:
+        elif (problem := bundle_problem(path, model.kind, model.runtime)) is not None:
             state, ok = problem, False
         else:
             state = "ok"
         flags = "".join([", default" if model.default else "", "" if model.preload else ", not preloaded"])
         print(f"model      {model.id} ({model.kind}, runtime {model.runtime}{flags}): {path}: {state}")
+        if state == "ok" and model.kind in ("tts", "stt"):
+            print(f"           {speech_backend(path, model.kind, model.runtime)[0]}")
         if state == "ok" and model.kind == "chat":
             groups, fine = bundle_groups(path, model.runtime)
             ok = ok and fine
@@ -283,7 +285,7 @@ def check_personas(config: ApplianceConfig) -> None:
         print(f"scene      {scene.name}: {when}; personas {personas}{extra}")
 
 
-def bundle_problem(path: Path, kind: str) -> str | None:
+def bundle_problem(path: Path, kind: str, runtime: str = "auto") -> str | None:
     """Why ``path`` is not a bundle of this kind, or None."""
     if kind == "image":
         from npu.diffusion.bundle import find_files
@@ -294,17 +296,28 @@ def bundle_problem(path: Path, kind: str) -> str | None:
         except FileNotFoundError as exc:
             return f"NOT AN IMAGE BUNDLE ({exc})"
         return None
-    if kind == "tts":
-        from npu.speech.piper_voice import find_piper_voice
-
-        return None if find_piper_voice(path) else "NOT A VOICE (no <name>.onnx with its .onnx.json)"
-    if kind == "stt":
-        from npu.speech.whisper_model import is_ctranslate2_whisper
-
-        return None if is_ctranslate2_whisper(path) else "NOT A SPEECH MODEL (no model.bin, config.json)"
+    if kind in ("tts", "stt"):
+        text, fine = speech_backend(path, kind, runtime)
+        return None if fine else text
     if not (path / "config.json").is_file():
         return "NOT A BUNDLE (no config.json)"
     return None
+
+
+def speech_backend(path: Path, kind: str, runtime: str) -> tuple[str, bool]:
+    """Which backend serves a tts or stt folder here (``served by ...``), or why none can."""
+    from npu.runtime import BackendUnavailableError
+    from npu.speech.transcribers import transcriber_backend
+    from npu.speech.voices import voice_backend
+
+    try:
+        backend, why = (voice_backend if kind == "tts" else transcriber_backend)(path, runtime)
+    except BackendUnavailableError as exc:  # a card model on a host without the card
+        return f"served on the card (not here: {_one_line(str(exc))})", True
+    except (OSError, ValueError, RuntimeError) as exc:
+        label = "NOT A VOICE" if kind == "tts" else "NOT A SPEECH MODEL"
+        return f"{label} ({_one_line(str(exc))})", False
+    return f"served by {backend} ({why})", True
 
 
 def bundle_groups(path: Path, runtime: str) -> tuple[str, bool]:

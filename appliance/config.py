@@ -468,10 +468,11 @@ class ModelConfig(BaseConfig):
     path: str = Field(
         ..., min_length=1, description="Bundle folder; a relative one is relative to the config file's folder"
     )
-    runtime: Literal["auto", "axcl", "axengine", "onnx"] = Field(
+    runtime: Literal["auto", "axcl", "axengine", "onnx", "espeak-ng", "pocketsphinx"] = Field(
         "auto",
         description="Session backend: axcl (the card through pyaxcl, device-resident KV cache), axengine "
-        "(the card through PyAXEngine), onnx (CPU), auto (the first of these that works here)",
+        "(the card through PyAXEngine), onnx (CPU), auto (the first of these that works here); for a tts "
+        "model espeak-ng (the fallback voice), for an stt model pocketsphinx (the light fallback)",
     )
     preload: bool = Field(True, description="Load at start and keep resident")
     default: bool = Field(False, description="The model of its kind used when a request names none")
@@ -480,6 +481,14 @@ class ModelConfig(BaseConfig):
         description="More names clients may ask for it by (gpt-4o-mini), so code written for another "
         "API works after changing only its base_url",
     )
+
+
+    @model_validator(mode="after")
+    def _runtime_fits_kind(self) -> ModelConfig:
+        fallback = {"espeak-ng": "tts", "pocketsphinx": "stt"}.get(self.runtime)
+        if fallback is not None and self.kind != fallback:
+            raise ValueError(f"runtime {self.runtime} runs a {fallback} model, not a {self.kind} one")
+        return self
 
 
 def _demo_models() -> list[ModelConfig]:

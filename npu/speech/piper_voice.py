@@ -29,7 +29,7 @@ def find_piper_voice(folder: Path) -> Path | None:
 class PiperVoiceRunner:
     """One Piper voice, resident; ``speak_steps`` yields one sentence of audio per step."""
 
-    backend = "onnx"
+    backend = "piper"  # VITS on ONNX Runtime
 
     def __init__(self, voice: Any, name: str) -> None:
         self._voice = voice

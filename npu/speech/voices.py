@@ -1,30 +1,64 @@
 """Which voice backend a tts model's folder holds, and OpenAI's voice names.
 
-A folder with a Piper voice runs on the CPU (ONNX Runtime). OpenAI's clients name voices
-(``alloy``, ``nova``...) that no installation has; each of those names means the default voice,
-so an unchanged client speaks, while a name that is neither is refused with what is installed.
+A folder with a Piper voice runs on the CPU (ONNX Runtime); when piper-tts (the GPL ``voice``
+extra) is not installed, or ``runtime: espeak-ng`` asks for it, the same folder is spoken by
+espeak-ng, the fallback voice, as is a folder holding ``espeak-ng.json``. OpenAI's clients name
+voices (``alloy``, ``nova``...) that no installation has; each of those names means the default
+voice, so an unchanged client speaks, while a name that is neither is refused with what is
+installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
+from npu.speech.espeak_voice import EspeakVoiceRunner, espeak_program, is_espeak_voice
 from npu.speech.piper_voice import PiperVoiceRunner, find_piper_voice
+
+logger = logging.getLogger(__name__)
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer",
                  "verse")
+TTS_RUNTIMES = ("auto", "onnx", "espeak-ng")  # onnx: Piper on ONNX Runtime
+
+
+def voice_backend(folder: Path, runtime: str = "auto") -> tuple[str, str]:
+    """The backend that speaks ``folder`` here (``piper`` or ``espeak-ng``) and why; raises
+    ``FileNotFoundError`` or ``RuntimeError`` saying what is missing."""
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"voice folder {folder} does not exist ('appliance models demo' installs one)")
+    if runtime not in TTS_RUNTIMES:
+        raise ValueError(f"runtime {runtime!r} cannot speak; a tts model takes {', '.join(TTS_RUNTIMES)}")
+    piper = find_piper_voice(folder) is not None
+    if not piper and not is_espeak_voice(folder):
+        raise FileNotFoundError(f"{folder} holds no voice this appliance runs (a Piper <name>.onnx with "
+                                "its .json, or an espeak-ng.json)")
+    if piper and runtime != "espeak-ng":
+        if importlib.util.find_spec("piper") is not None:
+            return "piper", "Piper on ONNX Runtime"
+        if runtime == "onnx":
+            raise RuntimeError("piper-tts is not installed (pip install 'appliance[voice]'; it is GPL-3.0)")
+        why = "espeak-ng, the fallback: piper-tts (the voice extra) is not installed"
+    else:
+        why = "espeak-ng" + (" (runtime espeak-ng)" if piper else "")
+    if espeak_program() is None:
+        raise RuntimeError("espeak-ng is not installed (apt install espeak-ng)"
+                           + ("" if not piper else ", nor piper-tts (pip install 'appliance[voice]')"))
+    return "espeak-ng", why
 
 
 def load_voice(folder: Path, runtime: str = "auto", device_id: int = 0) -> Any:
     """The voice in ``folder``, resident."""
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"voice folder {folder} does not exist ('appliance models demo' installs one)")
-    if find_piper_voice(folder) is not None:
+    backend, why = voice_backend(folder, runtime)
+    if backend == "piper":
         return PiperVoiceRunner.load(folder)
-    raise FileNotFoundError(
-        f"{folder} holds no voice this appliance runs (a Piper <name>.onnx with its .json)")
+    if "fallback" in why:
+        logger.warning("voice %s: spoken by %s", folder.name, why)
+    return EspeakVoiceRunner.load(folder)
 
 
 def resolve_voice(voice: str | None, installed: list[str]) -> str | None:

