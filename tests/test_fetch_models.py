@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
 from appliance.config import load_config
-from appliance.fetch.catalog import CATALOG, ChatSource, ImageSource, find_entry
+from appliance.fetch.catalog import CATALOG, ChatSource, ImageSource, SpeechSource, find_entry
 from appliance.fetch.config_entries import merge_models, model_entry
 from appliance.fetch.layout import EMBED_FILE, bundle_config
 
@@ -68,7 +69,7 @@ def build_hub(root: Path, model_id: str, embed_size: int | None = None, layer_si
         _put(compiled, EMBED_FILE, size=want if embed_size is None else embed_size)
         _put(compiled.parent if source.compiled.folder else compiled, "config.json", "{}")  # AXERA's own
     else:
-        assert isinstance(source, ImageSource)
+        assert isinstance(source, ImageSource | SpeechSource)
         compiled = root / source.compiled.repo / source.compiled.revision / source.compiled.folder
         for name in source.files:
             _put(compiled, name)
@@ -184,6 +185,48 @@ def test_the_image_model_keeps_its_folders(tmp_path: Path, hub: Path) -> None:
     (bundle / "unet.axmodel").unlink()
     check = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert check.returncode == 1 and "NOT AN IMAGE BUNDLE" in check.stdout and "unet.axmodel" in check.stdout
+
+
+def test_axeras_speech_models_arrive_in_the_layout_their_runners_load(
+        tmp_path: Path, hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub serves AXERA's files at the pinned commits (here: tiny graphs with Whisper's and
+    SenseVoice's IO, tests/test_axera_speech.py); the fetched folders transcribe on the simulated card."""
+    import fake_axengine as fa
+    from test_axera_speech import make_folder, make_sensevoice
+
+    from npu.speech.transcribers import load_transcriber
+
+    for model_id, make in (("whisper-tiny-ax650", make_folder), ("sensevoice-ax650", make_sensevoice)):
+        source = find_entry(model_id).source
+        assert isinstance(source, SpeechSource) and source.kind == "stt"
+        make(hub / source.compiled.repo / source.compiled.revision / source.compiled.folder)
+    result = fetch_models(tmp_path, hub, "whisper-tiny-ax650", "sensevoice-ax650")
+    assert result.returncode == 0, result.stderr
+    whisper, sensevoice = tmp_path / "models" / "whisper-tiny-ax650", tmp_path / "models" / "sensevoice-ax650"
+    assert sorted(p.name for p in whisper.iterdir()) == sorted(["SOURCE.json", "tiny-encoder.axmodel",
+                                                                "tiny-decoder.axmodel", "tiny-tokens.txt",
+                                                                "tiny_config.json"])
+    assert [(c["repo"], c["revision"]) for c in calls(hub)] == [
+        ("AXERA-TECH/Whisper", "143121c8a628bbb463bf4e19e8e7711dd2192e27"),
+        ("AXERA-TECH/SenseVoice", "6ef7cf855a8f1661c29e2015abdb628e9258fa98")]
+    models = yaml.safe_load((tmp_path / "appliance.yaml").read_text())["models"]
+    assert [(m["id"], m["kind"]) for m in models] == [("whisper-tiny-ax650", "stt"),
+                                                      ("sensevoice-ax650", "stt")]
+    command = [sys.executable, "-m", "appliance", "check", "-c", str(tmp_path / "appliance.yaml")]
+    check = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert f"model      whisper-tiny-ax650 (stt, runtime auto): {whisper}: ok" in check.stdout, check.stdout
+    assert "served on the card (not here:" in check.stdout
+
+    monkeypatch.setitem(sys.modules, "axengine", fa.make_module())
+    tone = np.sin(np.arange(32000) / 16000 * 2 * np.pi * 440).astype(np.float32) * 0.3
+    assert [s.text for s in load_transcriber(whisper, "axengine").transcribe_steps(tone, "en")] == [
+        "Hello art lovers!"]
+    second = tone[:16000]
+    assert [s.text for s in load_transcriber(sensevoice, "axengine").transcribe_steps(second, "en")] == [
+        "Hello art lovers"]
+    (whisper / "tiny-decoder.axmodel").unlink()
+    check = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert check.returncode == 1 and "NOT A SPEECH MODEL" in check.stdout
 
 
 def test_list_unknown_ids_and_a_missing_cli_are_explained(tmp_path: Path, hub: Path) -> None:

@@ -44,10 +44,19 @@ class ImageSource(BaseModel):
     files: tuple[str, ...] = Field(..., description="paths under compiled.folder, kept as they are")
 
 
+class SpeechSource(BaseModel):
+    """A speech model in AXERA's layout: the listed files, flat in one folder, as AXERA's own
+    runners load them (``npu/speech/transcribers.py`` and ``voices.py`` recognise the folder)."""
+
+    kind: Literal["stt", "tts"]
+    compiled: RepoFiles
+    files: tuple[str, ...] = Field(..., description="paths under compiled.folder, kept by their names")
+
+
 class CatalogEntry(BaseModel):
     id: str = Field(..., pattern=r"^[a-zA-Z0-9._-]+$", description="the model id clients ask for")
     title: str
-    source: ChatSource | ImageSource = Field(..., discriminator="kind")
+    source: ChatSource | ImageSource | SpeechSource = Field(..., discriminator="kind")
     note: str = ""
 
     @property
@@ -66,6 +75,13 @@ SD15_LCM_FILES = (
     "vae_decoder.axmodel",
     "time_input_txt2img.npy",
 )  # the VAE encoder and the img2img table serve image-to-image, which the appliance does not do
+
+# AXERA's speech models. Each revision is the commit a published deployment guide pins and names
+# the files of (AXERA-TECH/Whisper at 143121c, SenseVoice at 6ef7cf8). Whisper small, base and
+# turbo sit beside tiny in AXERA's repository but no source here lists their files at a pinned
+# commit, so they are left out rather than guessed; so is MeloTTS, which the appliance does not run.
+WHISPER_TINY_FILES = ("tiny-encoder.axmodel", "tiny-decoder.axmodel", "tiny-tokens.txt", "tiny_config.json")
+SENSEVOICE_FILES = ("sensevoice.axmodel", "tokens.txt", "am.mvn")
 
 CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(
@@ -101,6 +117,29 @@ CATALOG: tuple[CatalogEntry, ...] = (
             files=SD15_LCM_FILES,
         ),
         note="about 2.8 s per 512x512 image on the card",
+    ),
+    CatalogEntry(
+        id="whisper-tiny-ax650",
+        title="Whisper tiny, multilingual speech to text (AX650)",
+        source=SpeechSource(
+            kind="stt",
+            compiled=RepoFiles(repo="AXERA-TECH/Whisper", revision="143121c8a628bbb463bf4e19e8e7711dd2192e27",
+                               folder="models-ax650/tiny"),
+            files=WHISPER_TINY_FILES,
+        ),
+        note="real-time factor 0.037 on the card (ax_asr_api's table): 5 s of speech in about 0.19 s",
+    ),
+    CatalogEntry(
+        id="sensevoice-ax650",
+        title="SenseVoice small: Chinese, English, Cantonese, Japanese, Korean speech to text (AX650)",
+        source=SpeechSource(
+            kind="stt",
+            compiled=RepoFiles(repo="AXERA-TECH/SenseVoice",
+                               revision="6ef7cf855a8f1661c29e2015abdb628e9258fa98",
+                               folder="sensevoice_ax650"),
+            files=SENSEVOICE_FILES,
+        ),
+        note="real-time factor 0.036 on the card (ax_asr_api's table); language auto-detected",
     ),
 )
 

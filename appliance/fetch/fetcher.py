@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.fetch.catalog import CatalogEntry, ChatSource, ImageSource, RepoFiles
+from appliance.fetch.catalog import CatalogEntry, ChatSource, ImageSource, RepoFiles, SpeechSource
 from appliance.fetch.hub import HubClient
 from appliance.fetch.layout import (
     bundle_config,
@@ -48,6 +48,8 @@ def fetch(entry: CatalogEntry, models_dir: Path, hub: HubClient) -> Path:
     with staged_folder(bundle) as staging:
         if isinstance(entry.source, ChatSource):
             _assemble_chat(entry.source, models_dir, staging, hub)
+        elif isinstance(entry.source, SpeechSource):
+            _assemble_speech(entry.source, models_dir, staging, hub)
         else:
             _assemble_image(entry.source, models_dir, staging, hub)
         (staging / SOURCE_FILE).write_text(json.dumps(_provenance(entry), indent=2) + "\n", encoding="utf-8")
@@ -90,6 +92,29 @@ def _assemble_image(source: ImageSource, models_dir: Path, staging: Path, hub: H
         find_files(staging, ".axmodel")  # the layout the pipeline loads
     except FileNotFoundError as exc:
         raise BundleIncomplete(f"{source.compiled.repo}: {exc}") from exc
+
+
+def _assemble_speech(source: SpeechSource, models_dir: Path, staging: Path, hub: HubClient) -> None:
+    compiled = download_dir(models_dir, source.compiled)
+    files = [repo_path(source.compiled.folder, name) for name in source.files]
+    hub.download(source.compiled, files, compiled)
+    for repo_file in files:
+        _link(staging / Path(repo_file).name, compiled / repo_file)
+    problem = speech_problem(staging, source.kind)
+    if problem:
+        raise BundleIncomplete(f"{source.compiled.repo}: {problem}")
+
+
+def speech_problem(folder: Path, kind: str) -> str | None:
+    """Why the folder is not one of AXERA's speech layouts the appliance runs, or None."""
+    from npu.speech.axera_sensevoice import is_axera_sensevoice
+    from npu.speech.axera_whisper import find_model_type
+
+    if kind == "stt":
+        if find_model_type(folder) is None and not is_axera_sensevoice(folder):
+            return "the files are neither AXERA's Whisper nor its SenseVoice layout"
+        return None
+    return f"no {kind} layout of AXERA's is known here"
 
 
 def _link(link: Path, target: Path) -> None:
