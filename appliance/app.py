@@ -25,7 +25,7 @@ from appliance import sd_notify
 from appliance.config import ApplianceConfig
 from appliance.device_monitor import make_device_monitor
 from appliance.display_feed import DisplayFeed
-from appliance.gate import GatedEngine, make_gate
+from appliance.gate import door_engine, make_gate
 from appliance.ha_discovery import build_discovery, clear_discovery, discovery_changed
 from appliance.health import HealthChecks, TelemetryJob, make_scheduler
 from appliance.journal import Journal
@@ -105,7 +105,7 @@ class Appliance:
             images=config.image_defaults(),
             sim=self.monitor if isinstance(self.monitor, SimMonitor) else None,
             journal=self.journal,
-            moderation=self.gate,
+            moderation=None if "mqtt" in config.moderation.trusted else self.gate,
             scenes=self.scenes,
         )
         self.telemetry = TelemetryJob(
@@ -116,7 +116,8 @@ class Appliance:
         self.scenes.register(self.scheduler)  # each scene's start as a cron job
         self.listening = Listening(context)  # microphones on {base}/listen/<node>/...
         wyoming = config.voice.wyoming
-        self.wyoming = WyomingServer(self.engine, WyomingSettings(
+        trusted = self.trusted_doors(config)
+        self.wyoming = WyomingServer(door_engine(self.engine, self.gate, "wyoming", trusted), WyomingSettings(
             host=wyoming.host, asr_port=wyoming.asr_port, tts_port=wyoming.tts_port,
             zeroconf=wyoming.zeroconf, name=self.topics.base), app_version()) if wyoming.enabled else None
         self.dispatcher = Dispatcher(self.inbound, context, side_topics=side, streams=self._on_listen)
@@ -130,13 +131,24 @@ class Appliance:
                                       image_url_ttl=config.images.url_ttl,
                                       raw_prompt_special_tokens=config.http.raw_prompt_special_tokens,
                                       sender=config.http.sender)
-            http_app = create_app(self.engine if self.gate is None else GatedEngine(self.engine, self.gate),
-                                  settings)
+            http_app = create_app(door_engine(self.engine, self.gate, "http", trusted), settings)
             self.ui = http_app.state.ui
+            self.ui.engine = door_engine(self.engine, self.gate, "console", trusted)  # its image box
             self.ui.display_out = self.show_on_display  # a console picture goes to the display's topic
             self.ui.preview_out = self.preview_on_display
             self.display_feed = DisplayFeed(config.mqtt, self.topics, self.ui.displays)
             self.http = HttpServer(http_app, config.http.host, config.http.port)
+
+    @staticmethod
+    def trusted_doors(config: ApplianceConfig) -> set[str]:
+        """The front doors the gate lets through unscreened (``moderation.trusted``); the console only
+        behind ``http.api_key``, since without one anyone on the network can use it."""
+        trusted = set(config.moderation.trusted)
+        if "console" in trusted and not config.http.api_key:
+            logger.warning("moderation.trusted lists the console but http.api_key is not set: "
+                           "the console's prompts are screened like everyone's")
+            trusted.discard("console")
+        return trusted
 
     def start(self) -> None:
         logger.info("appliance %s starting (base topic %r)", app_version(), self.topics.base)

@@ -399,7 +399,8 @@ class ModerationRules(BaseConfig):
 class ModerationConfig(BaseConfig):
     """The gate for public prompts: a word and phrase list, optionally the resident LLM as a judge."""
 
-    enabled: bool = Field(False, description="Check every chat and image prompt before it is queued")
+    enabled: bool = Field(False, description="Check every chat and image prompt and every text to be "
+                          "spoken before it is queued")
     blocklist: str | None = Field(
         None, min_length=1,
         description="Word/phrase list, one a line ('#' comments); whole words, case and accents folded; "
@@ -412,6 +413,10 @@ class ModerationConfig(BaseConfig):
     log_prompts: bool = Field(False, description="Write refused prompts' text to the log (off: never)")
     displays: dict[DisplayName, ModerationRules] = Field(
         default_factory=dict, description="Per display (by name): its own gate")
+    trusted: list[Literal["console", "mqtt", "http", "wyoming"]] = Field(
+        default_factory=list,
+        description="Front doors whose text is not screened (none by default): console (its image box; "
+        "only with http.api_key), http (the OpenAI routes, the console's chat box too), mqtt, wyoming")
 
 
 class JournalConfig(BaseConfig):

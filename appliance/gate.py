@@ -1,5 +1,7 @@
 """The prompt gate built from ``moderation:`` (``handlers.moderation.Gate``), files read at start,
-and the engine the HTTP bridge is given when the gate is on (``GatedEngine``).
+and the engine the HTTP bridge, its console and the Wyoming servers are given when the gate is on
+(``GatedEngine``, through ``door_engine``: a door listed in ``moderation.trusted`` gets the engine
+itself).
 
 A blocklist or curtain file that cannot be read stops the start with a message naming it, as a
 bad config key does: an installation that asked for a gate never runs without one. MQTT's
@@ -14,7 +16,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from PIL import Image
@@ -22,7 +24,17 @@ from prometheus_client import CollectorRegistry
 
 from appliance.config import ApplianceConfig, ConfigError
 from handlers.moderation import Blocklist, Gate, Refusal, load_curtain
-from npu.engine.api import ChatRequest, EngineError, ErrorCode, ImageRequest, JobHandle, Request, Sink
+from npu.engine.api import (
+    ChatRequest,
+    EngineClient,
+    EngineError,
+    ErrorCode,
+    ImageRequest,
+    JobHandle,
+    Request,
+    Sink,
+    SpeechRequest,
+)
 from npu.engine.engine import Engine
 
 CURTAIN_SIZE = (512, 512)
@@ -76,12 +88,26 @@ def prompt_of(request: Request) -> tuple[str, str] | None:
         return request.prompt or "", "chat"
     if isinstance(request, ImageRequest):
         return request.params.prompt, "image"
+    if isinstance(request, SpeechRequest):  # words a speaker says in public are screened as a prompt
+        return request.params.text, "speech"
     return None
 
 
+def param_of(request: Request) -> str:
+    """The OpenAI field a refused text came in: ``messages``, ``prompt`` or ``input``."""
+    if isinstance(request, ChatRequest):
+        return "messages" if request.messages is not None else "prompt"
+    return "input" if isinstance(request, SpeechRequest) else "prompt"
+
+
+def door_engine(engine: Engine, gate: Gate | None, door: str, trusted: Collection[str]) -> EngineClient:
+    """The engine a front door submits to: screened by the gate unless the installer trusts that door."""
+    return engine if gate is None or door in trusted else GatedEngine(engine, gate)
+
+
 class GatedEngine:
-    """The engine, with ``submit`` screening chat and image prompts first; everything else is the
-    engine's own."""
+    """The engine, with ``submit`` screening chat and image prompts and text to speak first;
+    everything else is the engine's own."""
 
     def __init__(self, engine: Engine, gate: Gate) -> None:
         self._engine = engine
@@ -102,7 +128,7 @@ class GatedEngine:
             if refusal is not None:
                 self._gate.refused(kind, refusal, request_id=request.request_id, sender=request.sender,
                                    display=None, text=text)
-                raise EngineError(ErrorCode.REFUSED, refusal.message)
+                raise EngineError(ErrorCode.REFUSED, refusal.message, details={"param": param_of(request)})
         return self._engine.submit(request, sink)
 
     def _judged(self, text: str) -> Refusal | None:

@@ -69,6 +69,7 @@ class UI:
     displays: DisplayBoard
     display_out: DisplayOut | None = None
     preview_out: PreviewOut | None = None
+    engine: EngineClient | None = None  # the image box's engine (None: the bridge's): the gate may trust it
 
 
 def ui_of(request: Request) -> UI:
@@ -236,7 +237,7 @@ async def console_image(body: ConsoleImage, request: Request) -> StreamingRespon
     # Its sender's turn in the queue, as every HTTP client's; step previews when asked for.
     jobs = [replace(job, sender=bridge.sender_of(request), preview=PREVIEW_PIXELS if body.preview else None)
             for job in jobs]
-    group = JobGroup(bridge.engine)
+    group = JobGroup(ui.engine or bridge.engine)
     await group.submit(jobs)  # a refusal is an error answer before the stream starts
 
     async def stream() -> AsyncIterator[str]:

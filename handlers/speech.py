@@ -7,7 +7,8 @@ sentence as the voice makes it, as 16-bit little-endian mono PCM in pieces of at
 ``PCM_CHUNK`` bytes on ``{base}/audio/<speaker>/chunk``, between a ``start`` and an ``end`` JSON
 message on the same topic that carry the sample rate, so a board with a small buffer plays while
 the rest is made. The reply (``{base}/response/speak``, or the named sender's reply space) says
-the rate, the duration and the topic.
+the rate, the duration and the topic. With ``moderation`` on, the text is screened as a prompt
+first: a refused one is answered ``refused`` and no speaker hears it.
 
 ``{base}/listen/<node>/start|audio|stop``: a microphone streams one utterance. ``start`` (JSON:
 ``rate``, ``width``, ``channels``, ``language``, ``id``, ``vad``, ``reply_to``) opens it, binary PCM
@@ -34,6 +35,7 @@ from handlers.context import (
     engine_request_id,
     queue_sender,
 )
+from handlers.moderation import gated
 from handlers.payloads import PayloadError, RequestId, decode_payload, validate_payload
 from handlers.reply import JobSink, Reply, route_reply
 from npu.engine.api import (
@@ -130,11 +132,17 @@ def handle_speak(req: SpeakPayload, ctx: HandlerContext, reply: Reply, meta: Req
         raise HandlerError("bad_request", str(exc)) from exc
     request = SpeechRequest(params, model=model, request_id=engine_request_id(request_id, meta.sender),
                             sender=queue_sender(meta.sender))
-    try:
-        ctx.engine.submit(request, SpeakSink(ctx, reply, request_id, speaker, req.format))
-    except EngineError as err:
-        if not reply.sent:
-            reply_engine_error(reply, err)
+
+    def submit() -> None:
+        try:
+            ctx.engine.submit(request, SpeakSink(ctx, reply, request_id, speaker, req.format))
+        except EngineError as err:
+            if not reply.sent:
+                reply_engine_error(reply, err)
+
+    # Words said aloud in public pass the same gate as a prompt: a refusal is spoken by no speaker.
+    gated(ctx.moderation, ctx.engine, "speech", req.text, display=None, reply=reply, sender=meta.sender,
+          submit=submit)
     return PENDING
 
 
