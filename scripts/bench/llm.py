@@ -61,7 +61,7 @@ class StubBinding:
     def input(self, name, array, value=None) -> None:  # type: ignore[no-untyped-def]
         pass
 
-    def output(self, name, array) -> None:  # type: ignore[no-untyped-def]
+    def output(self, name, array, value=None) -> None:  # type: ignore[no-untyped-def]
         pass
 
     def run(self) -> None:
