@@ -33,7 +33,8 @@ The AXCLRT session (``_axclrt.py``)
   until exit; ``_unload`` frees its IO buffers and unloads the model and is idempotent. The card
   counts the CMM a session holds (its weights, the file size here, plus its IO buffers).
 - Line 249-297: inputs and outputs are declared per shape group with a name, a numpy dtype
-  (line 29-47: bf16 is ``ml_dtypes.bfloat16``) and a static shape. The compiled groups are read
+  (line 29-47: bf16 is ``ml_dtypes.bfloat16``; uint8, lines 30-31, is Kokoro's ``text_mask``) and a
+  static shape. The compiled groups are read
   from the model file itself: here, the ``axmodel.groups`` metadata of the ONNX file that stands
   for the ``.axmodel`` (``make_npu_bundle``).
 - Line 299-328: one device buffer per input and output, sized for the largest group.
@@ -82,7 +83,8 @@ AXCLRT = "AXCLRTExecutionProvider"
 AXENGINE = "AxEngineExecutionProvider"
 GROUPS_KEY = "axmodel.groups"
 DTYPES = {"bfloat16": BF16, "float32": np.dtype(np.float32), "uint32": np.dtype(np.uint32),
-          "int32": np.dtype(np.int32)}  # _axclrt.py:40-41 (Whisper's token, offset and mask)
+          "int32": np.dtype(np.int32),  # _axclrt.py:40-41 (Whisper's token, offset and mask)
+          "uint8": np.dtype(np.uint8)}  # _axclrt.py:30-31 (Kokoro's text_mask)
 
 
 @dataclass

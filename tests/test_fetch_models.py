@@ -229,6 +229,32 @@ def test_axeras_speech_models_arrive_in_the_layout_their_runners_load(
     assert check.returncode == 1 and "NOT A SPEECH MODEL" in check.stdout
 
 
+def test_kokoro_arrives_flat_and_speaks_on_the_simulated_card(
+        tmp_path: Path, hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fake_axengine as fa
+    from test_axera_kokoro import make_kokoro
+
+    from npu.speech.voices import load_voice
+
+    source = find_entry("kokoro-ax650").source
+    assert isinstance(source, SpeechSource) and source.kind == "tts"
+    made = make_kokoro(tmp_path / "made")
+    tree = hub / source.compiled.repo / source.compiled.revision
+    for repo_file in source.files:
+        _put(tree, repo_file, (made / Path(repo_file).name).read_bytes())
+    result = fetch_models(tmp_path, hub, "kokoro-ax650")
+    assert result.returncode == 0, result.stderr
+    bundle = tmp_path / "models" / "kokoro-ax650"
+    command = [sys.executable, "-m", "appliance", "check", "-c", str(tmp_path / "appliance.yaml")]
+    check = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert f"model      kokoro-ax650 (tts, runtime auto): {bundle}: ok" in check.stdout, check.stdout
+    assert "served on the card (not here:" in check.stdout
+    monkeypatch.setitem(sys.modules, "axengine", fa.make_module())
+    voice = load_voice(bundle, "axengine")
+    (piece,) = voice.speak_steps("Welcome to the gallery.")
+    assert piece.rate == 24000 and len(piece.pcm) > 0
+
+
 def test_list_unknown_ids_and_a_missing_cli_are_explained(tmp_path: Path, hub: Path) -> None:
     listing = fetch_models(tmp_path, hub, "--list")
     assert listing.returncode == 0

@@ -77,11 +77,15 @@ SD15_LCM_FILES = (
 )  # the VAE encoder and the img2img table serve image-to-image, which the appliance does not do
 
 # AXERA's speech models. Each revision is the commit a published deployment guide pins and names
-# the files of (AXERA-TECH/Whisper at 143121c, SenseVoice at 6ef7cf8). Whisper small, base and
+# the files of (AXERA-TECH/Whisper at 143121c, SenseVoice at 6ef7cf8, kokoro.axera at db9625f).
+# Whisper small, base and
 # turbo sit beside tiny in AXERA's repository but no source here lists their files at a pinned
 # commit, so they are left out rather than guessed; so is MeloTTS, which the appliance does not run.
 WHISPER_TINY_FILES = ("tiny-encoder.axmodel", "tiny-decoder.axmodel", "tiny-tokens.txt", "tiny_config.json")
 SENSEVOICE_FILES = ("sensevoice.axmodel", "tokens.txt", "am.mvn")
+KOKORO_FILES = ("models/kokoro_part1_96.axmodel", "models/kokoro_part2_96.axmodel",
+                "models/kokoro_part3_96.axmodel", "models/model4_har_sim.onnx", "checkpoints/config.json",
+                "checkpoints/voices_npy/af_heart.npy")  # kokoro.axera at db9625f, as the guide lists them
 
 CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(
@@ -140,6 +144,17 @@ CATALOG: tuple[CatalogEntry, ...] = (
             files=SENSEVOICE_FILES,
         ),
         note="real-time factor 0.036 on the card (ax_asr_api's table); language auto-detected",
+    ),
+    CatalogEntry(
+        id="kokoro-ax650",
+        title="Kokoro 82M, American English voice af_heart, 24 kHz (AX650; espeak-ng phonemes)",
+        source=SpeechSource(
+            kind="tts",
+            compiled=RepoFiles(repo="AXERA-TECH/kokoro.axera",
+                               revision="db9625f0270396c108d0273b01477d86b4e5e7fe"),
+            files=KOKORO_FILES,
+        ),
+        note="about 0.23 s of card time per chunk of up to 96 phonemes (a published deployment run)",
     ),
 )
 

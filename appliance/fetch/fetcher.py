@@ -114,7 +114,9 @@ def speech_problem(folder: Path, kind: str) -> str | None:
         if find_model_type(folder) is None and not is_axera_sensevoice(folder):
             return "the files are neither AXERA's Whisper nor its SenseVoice layout"
         return None
-    return f"no {kind} layout of AXERA's is known here"
+    from npu.speech.axera_kokoro import is_axera_kokoro
+
+    return None if is_axera_kokoro(folder) else "the files are not AXERA's Kokoro layout"
 
 
 def _link(link: Path, target: Path) -> None:

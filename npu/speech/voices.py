@@ -15,6 +15,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from npu.runtime.base import BackendUnavailableError
+from npu.runtime.factory import candidates
+from npu.speech.axera_kokoro import AxKokoroRunner, is_axera_kokoro
 from npu.speech.espeak_voice import EspeakVoiceRunner, espeak_program, is_espeak_voice
 from npu.speech.piper_voice import PiperVoiceRunner, find_piper_voice
 
@@ -22,7 +25,20 @@ logger = logging.getLogger(__name__)
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer",
                  "verse")
-TTS_RUNTIMES = ("auto", "onnx", "espeak-ng")  # onnx: Piper on ONNX Runtime
+TTS_RUNTIMES = ("auto", "onnx", "espeak-ng", "axcl", "axengine")  # onnx: Piper; axcl, axengine: Kokoro
+
+
+def kokoro_backend(folder: Path, runtime: str) -> str:
+    """The card backend for AXERA's Kokoro: its three parts are compiled for the NPU only (the
+    folder's one ``.onnx`` is the harmonic model, which runs on the CPU beside them)."""
+    if runtime in ("onnx", "espeak-ng"):
+        raise ValueError(f"AXERA's Kokoro runs on the card (runtime auto, axcl or axengine), not {runtime}")
+    card = [b for b in candidates(folder, runtime) if b != "onnx"]
+    if not card:
+        raise BackendUnavailableError(f"{folder} is AXERA's Kokoro, compiled for the card, and the "
+                                      "NPU backend is not available here (pyaxcl, PyAXEngine or the "
+                                      "AXCL runtime)")
+    return card[0]
 
 
 def voice_backend(folder: Path, runtime: str = "auto") -> tuple[str, str]:
@@ -33,10 +49,14 @@ def voice_backend(folder: Path, runtime: str = "auto") -> tuple[str, str]:
             f"voice folder {folder} does not exist ('appliance models demo' installs one)")
     if runtime not in TTS_RUNTIMES:
         raise ValueError(f"runtime {runtime!r} cannot speak; a tts model takes {', '.join(TTS_RUNTIMES)}")
+    if is_axera_kokoro(folder):
+        return kokoro_backend(folder, runtime), "AXERA's Kokoro on the card, espeak-ng's phonemes"
     piper = find_piper_voice(folder) is not None
+    if runtime in ("axcl", "axengine"):
+        raise ValueError(f"runtime {runtime} speaks AXERA's Kokoro only; {folder} is not one")
     if not piper and not is_espeak_voice(folder):
         raise FileNotFoundError(f"{folder} holds no voice this appliance runs (a Piper <name>.onnx with "
-                                "its .json, or an espeak-ng.json)")
+                                "its .json, an espeak-ng.json, or AXERA's Kokoro)")
     if piper and runtime != "espeak-ng":
         if importlib.util.find_spec("piper") is not None:
             return "piper", "Piper on ONNX Runtime"
@@ -54,6 +74,8 @@ def voice_backend(folder: Path, runtime: str = "auto") -> tuple[str, str]:
 def load_voice(folder: Path, runtime: str = "auto", device_id: int = 0) -> Any:
     """The voice in ``folder``, resident."""
     backend, why = voice_backend(folder, runtime)
+    if is_axera_kokoro(folder):
+        return AxKokoroRunner(folder, backend, device_id)
     if backend == "piper":
         return PiperVoiceRunner.load(folder)
     if "fallback" in why:
