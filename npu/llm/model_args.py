@@ -19,9 +19,10 @@ DEFAULT_KV_CACHE_LEN = 2047
 # The converter's bundle format, written into config.json and raised whenever its graphs or
 # weight forms change: 2 moved 4-bit weights onto ONNX Runtime's fast kernels and the layers onto
 # its fused operators; 3 added the twin graph (every layer in one model, attention on a shared
-# head-major cache) and one weights file the graphs share. A converted bundle of an older format
-# still runs, but slower; it is converted again to get the new one.
-BUNDLE_FORMAT = 3
+# head-major cache) and one weights file the graphs share; 4 runs the twin graph on 2-D
+# activations with the Q4_1 offsets in one Gemm each. A converted bundle of an older format still
+# runs, but slower; it is converted again to get the new one.
+BUNDLE_FORMAT = 4
 
 
 @dataclass
