@@ -42,7 +42,7 @@ from bridge_http.server import HttpServer, HttpServerError
 from bridge_http.ui import UI
 from handlers.acceptance import Replayed
 from handlers.context import HandlerContext, Limits
-from handlers.image import image_meta
+from handlers.image import image_meta, publish_curtain
 from handlers.registry import Dispatcher
 from handlers.reply import publish_all
 from handlers.speech import Listening
@@ -134,6 +134,9 @@ class Appliance:
             http_app = create_app(door_engine(self.engine, self.gate, "http", trusted), settings)
             self.ui = http_app.state.ui
             self.ui.engine = door_engine(self.engine, self.gate, "console", trusted)  # its image box
+            self.ui.engine_for = lambda display: door_engine(self.engine, self.gate, "console", trusted,
+                                                             display)
+            self.ui.curtain_out = self.curtain_on_display
             self.ui.display_out = self.show_on_display  # a console picture goes to the display's topic
             self.ui.preview_out = self.preview_on_display
             self.display_feed = DisplayFeed(config.mqtt, self.topics, self.ui.displays)
@@ -359,6 +362,11 @@ class Appliance:
                           properties={"content_type": out.content_type})
         self.link.publish(self.topics.display_meta(display), image_meta("console", prompt, result, display),
                           qos=1, retain=True, properties={"content_type": "application/json"})
+
+    def curtain_on_display(self, display: str, request_id: str) -> None:
+        """A console picture the gate refused: its display shows the curtain, as for MQTT."""
+        if self.gate is not None:
+            publish_curtain(self.link.publish, self.topics, self.gate, display, request_id)
 
     def preview_on_display(self, display: str, preview: ImagePreview) -> None:
         """A console picture's step preview, on its display's preview topic (not retained)."""

@@ -100,18 +100,21 @@ def param_of(request: Request) -> str:
     return "input" if isinstance(request, SpeechRequest) else "prompt"
 
 
-def door_engine(engine: Engine, gate: Gate | None, door: str, trusted: Collection[str]) -> EngineClient:
-    """The engine a front door submits to: screened by the gate unless the installer trusts that door."""
-    return engine if gate is None or door in trusted else GatedEngine(engine, gate)
+def door_engine(engine: Engine, gate: Gate | None, door: str, trusted: Collection[str],
+                display: str | None = None) -> EngineClient:
+    """The engine a front door submits to: screened by the gate (with ``display``'s rules) unless the
+    installer trusts that door."""
+    return engine if gate is None or door in trusted else GatedEngine(engine, gate, display)
 
 
 class GatedEngine:
     """The engine, with ``submit`` screening chat and image prompts and text to speak first;
     everything else is the engine's own."""
 
-    def __init__(self, engine: Engine, gate: Gate) -> None:
+    def __init__(self, engine: Engine, gate: Gate, display: str | None = None) -> None:
         self._engine = engine
         self._gate = gate
+        self._display = display  # the display its pictures go to: that display's rules apply
         self._verdicts: dict[str, tuple[float, Refusal | None]] = {}
         self._lock = threading.Lock()
 
@@ -122,12 +125,12 @@ class GatedEngine:
         found = prompt_of(request)
         if found is not None:
             text, kind = found
-            refusal, judge = self._gate.screen(text)
+            refusal, judge = self._gate.screen(text, self._display)
             if refusal is None and judge:
                 refusal = self._judged(text)
             if refusal is not None:
                 self._gate.refused(kind, refusal, request_id=request.request_id, sender=request.sender,
-                                   display=None, text=text)
+                                   display=self._display, text=text)
                 raise EngineError(ErrorCode.REFUSED, refusal.message, details={"param": param_of(request)})
         return self._engine.submit(request, sink)
 

