@@ -75,7 +75,8 @@ def logit_bias_of(body: ChatCompletionRequest | CompletionRequest) -> tuple[tupl
     pairs = []
     for key, bias in (body.logit_bias or {}).items():
         if not key.strip().isdigit():
-            raise _bad(f"logit_bias keys must be token ids (integers as strings), not {key!r}", "logit_bias")
+            raise _bad(f"logit_bias keys must be token ids (integers as strings), not {key!r}",
+                       f"logit_bias.{key}")
         pairs.append((int(key), float(bias)))
     return tuple(pairs)
 

@@ -216,10 +216,11 @@ def test_logit_bias_bans_a_token(appliance) -> None:  # type: ignore[no-untyped-
      "response_format.json_schema.schema"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ({"logit_bias": {"comma": 5}}, "logit_bias"),
-    ({"logit_bias": {"99999999": 5}}, "logit_bias"),  # the model's vocabulary says so
+    ({"logit_bias": {"comma": 5}}, "logit_bias.comma"),
+    ({"logit_bias": {"99999999": 5}}, "logit_bias.99999999"),  # the model's vocabulary says so
+    ({"logit_bias": {"5": 101}}, "logit_bias.5"),
     ({"tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]},
-     "tools[1].function.parameters"),
+     "tools.1.function.parameters"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
 ])
 def test_bad_structured_input_is_a_400_naming_the_field(appliance, body: dict[str, Any], param: str) -> None:  # type: ignore[no-untyped-def]

@@ -100,8 +100,8 @@ def test_a_tool_whose_parameters_cannot_be_enforced_is_named() -> None:
     bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}
     with pytest.raises(ConstraintError) as caught:
         tool_constraint([WEATHER, bad], "auto", True)
-    assert caught.value.field == "tools[1].function.parameters" and "not" in str(caught.value)
+    assert caught.value.field == "tools.1.function.parameters" and "not" in str(caught.value)
     with pytest.raises(ConstraintError) as caught:
         tool_constraint([{"type": "function", "function": {"name": "g", "parameters": {"type": 5}}}],
                         "required", False)
-    assert caught.value.field == "tools[0].function.parameters"
+    assert caught.value.field == "tools.0.function.parameters"

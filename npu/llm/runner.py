@@ -230,7 +230,7 @@ class LLMRunner:
         bad = [t for t, _ in params.logit_bias if t >= self.args.vocab_size]
         if bad:
             raise ParamError([f"logit_bias: {bad[0]} is not a token id of this model (ids run from 0 "
-                              f"to {self.args.vocab_size - 1})"], ["logit_bias"])
+                              f"to {self.args.vocab_size - 1})"], [f"logit_bias.{bad[0]}"])
 
     def describe_token(self, token: int) -> tuple[str, bytes]:
         """A token's text and exact bytes, as logprobs show them."""

@@ -68,7 +68,7 @@ def tool_constraint(tools: Sequence[Mapping[str, Any]], choice: ToolChoice, para
         name = str(function.get("name"))
         if choice not in ("auto", "required") and name != choice:
             continue
-        where = f"tools[{i}].function.parameters"
+        where = f"tools.{i}.function.parameters"
         schema = check_schema(function.get("parameters") or {"type": "object", "properties": {}}, where)
         json_schema(schema, field=where)  # an unenforceable keyword is named by its tool
         schema = {**schema, "x-guidance": JSON_STYLE}
