@@ -71,6 +71,27 @@ def tools_for_template(body: ChatCompletionRequest) -> list[dict[str, Any]] | No
     return [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
 
 
+def check_tool_messages(body: ChatCompletionRequest) -> None:
+    """Every ``role: "tool"`` message answers a call of an earlier assistant message, as OpenAI insists.
+
+    A result that answers no call would reach the model as a result of nothing; OpenAI refuses
+    it with a 400, and so does the bridge, naming the message.
+    """
+    called: list[str] = []
+    for i, message in enumerate(body.messages):
+        if message.role == "assistant":
+            called += [c.id for c in message.tool_calls or () if c.id is not None]
+        if message.role != "tool":
+            continue
+        if not any(m.role == "assistant" and m.tool_calls for m in body.messages[:i]):
+            raise _bad(f"messages.{i}: messages with role 'tool' must be a response to a preceding "
+                       "message with 'tool_calls'", f"messages.{i}.role")
+        if message.tool_call_id not in called:
+            raise _bad(f"messages.{i}.tool_call_id {message.tool_call_id!r} answers no call of an earlier "
+                       f"assistant message (their calls: {', '.join(called) or 'none with an id'})",
+                       f"messages.{i}.tool_call_id")
+
+
 def logit_bias_of(body: ChatCompletionRequest | CompletionRequest) -> tuple[tuple[int, float], ...]:
     pairs = []
     for key, bias in (body.logit_bias or {}).items():
@@ -96,6 +117,7 @@ def with_structure(
     changes: dict[str, Any] = {"logit_bias": logit_bias_of(body), "logprobs": logprobs_of(body)}
     tools = None
     if isinstance(body, ChatCompletionRequest):
+        check_tool_messages(body)
         changes["constraint"] = constraint_for(body)
         tools = tools_for_template(body)
     out = []

@@ -222,6 +222,16 @@ def test_logit_bias_bans_a_token(appliance) -> None:  # type: ignore[no-untyped-
     ({"tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]},
      "tools.1.function.parameters"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    # A tool result must answer a call of an earlier assistant message, as OpenAI insists.
+    ({"messages": [{"role": "user", "content": "Hi"},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "4"}]}, "messages.1.role"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "5"}]}, "messages.3.tool_call_id"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "content": "4"}]}, "messages.2.tool_call_id"),
 ])
 def test_bad_structured_input_is_a_400_naming_the_field(appliance, body: dict[str, Any], param: str) -> None:  # type: ignore[no-untyped-def]
     request = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **body}
