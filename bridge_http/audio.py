@@ -27,6 +27,7 @@ from bridge_http.jobs import IDLE, JobGroup
 from bridge_http.streaming import collect
 from npu.engine.api import (
     Done,
+    EngineError,
     Failed,
     SpeechAudio,
     SpeechRequest,
@@ -51,6 +52,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 TRANSCRIPTIONS = "/v1/audio/transcriptions"
 UPLOAD_LIMITS = {TRANSCRIPTIONS: MAX_AUDIO_BYTES}  # multipart paths BodyGuard lets through, and their cap
 OPENAI_TTS_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+TRANSCRIPTION_PARAMS = {"audio": "file"}  # the engine's field -> the form field it came from
 OPENAI_PCM_RATE = 24000  # OpenAI's pcm: 24 kHz, 16-bit little-endian, mono
 LANGUAGE_NAMES = {"en": "english", "de": "german", "fr": "french", "es": "spanish", "it": "italian",
                   "nl": "dutch", "ja": "japanese", "zh": "chinese", "ko": "korean", "pt": "portuguese"}
@@ -148,7 +150,11 @@ async def handle_transcriptions(
     job = TranscriptionRequest(clip, language=language, model=chosen,
                                request_id=f"stt-{secrets.token_hex(6)}", sender=bridge.sender_of(request))
     group = JobGroup(bridge.engine)
-    await group.submit([job])
+    try:
+        await group.submit([job])
+    except EngineError as err:  # the engine names its request's fields; the audio is OpenAI's ``file``
+        named = TRANSCRIPTION_PARAMS.get(err.details.get("param", ""))
+        raise OpenAIError.from_engine(err, param=named) from err
     result = (await collect(group, request, 1))[0]
     assert isinstance(result, TranscriptionResult)
     return transcription_response(result, response_format)

@@ -140,6 +140,14 @@ def test_bad_audio_requests_get_openai_errors_naming_the_field(voice_app: tuple[
     assert r.status_code == 400 and r.json()["error"]["param"] == "language"
     r = transcribe(spoken, language="de")
     assert r.status_code == 400 and "English only" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "language"
+    short = io.BytesIO()
+    with wave.open(short, "wb") as w:  # 50 ms: a real WAV, too short to transcribe
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(bytes(2 * 800))
+    r = transcribe(short.getvalue())
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file", r.text
+    assert "50 ms" in r.json()["error"]["message"]
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:  # announces 26 MB, sends none
         sock.sendall(f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: {26 << 20}"

@@ -84,13 +84,16 @@ class SttKind:
         if clip.seconds < MIN_AUDIO_SECONDS:
             raise EngineError(ErrorCode.BAD_REQUEST, (
                 f"the audio is {clip.seconds * 1e3:.0f} ms long; "
-                f"send at least {MIN_AUDIO_SECONDS * 1e3:.0f} ms"))
+                f"send at least {MIN_AUDIO_SECONDS * 1e3:.0f} ms"), details={"param": "audio"})
         try:
             runner.check_language(request.language)
+        except (ValueError, SpeechInputError) as exc:
+            raise EngineError(ErrorCode.BAD_REQUEST, str(exc), details={"param": "language"}) from exc
+        try:
             if clip.rate != runner.rate:  # here, on the caller's thread: the device's time is for models
                 request = dataclasses.replace(request, audio=resample(clip, runner.rate))
         except (ValueError, SpeechInputError) as exc:
-            raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from exc
+            raise EngineError(ErrorCode.BAD_REQUEST, str(exc), details={"param": "audio"}) from exc
         return request, TranscriptState()
 
     def steps(self, job: WorkerJob, runner: Any) -> Iterator[Segment | None]:
