@@ -101,7 +101,7 @@ class JsonSchemaFormat(RequestModel):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None  # every schema is enforced, strict or not
+    strict: bool | None = None  # every schema is enforced; strict also closes its objects
 
 
 class ResponseFormat(RequestModel):

@@ -62,7 +62,8 @@ def constraint_for(body: ChatCompletionRequest) -> Constraint | None:
             return json_object(field="response_format")
         assert fmt.json_schema is not None  # the schema model insists
         schema = fmt.json_schema.schema_ or {"type": "object"}
-        return json_schema(schema, field="response_format.json_schema.schema")
+        return json_schema(schema, field="response_format.json_schema.schema",
+                           strict=bool(fmt.json_schema.strict))
     except ConstraintError as exc:
         raise _bad(str(exc), exc.field) from exc
 

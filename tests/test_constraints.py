@@ -10,6 +10,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from npu.llm.constraints import (
+    Constraint,
     ConstraintError,
     GrammarCache,
     TokenMask,
@@ -18,6 +19,7 @@ from npu.llm.constraints import (
     json_schema,
     one_of,
 )
+from npu.llm.tools import tool_constraint
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "models" / "smollm2-135m-instruct" / "tokenizer.json"
@@ -111,3 +113,50 @@ def test_apply_bitmask_drops_ids_past_the_mask() -> None:
     bits[0] = 0b101
     logits = apply_bitmask(np.zeros(40, np.float32), bits)
     assert np.flatnonzero(np.isfinite(logits)).tolist() == [0, 2]
+
+
+def allows(cache: GrammarCache, tokenizer: Tokenizer, constraint: Constraint, text: str) -> bool:
+    """The constraint lets ``text`` through as a whole answer."""
+    mask = cache.mask(constraint)
+    try:
+        for token in tokenizer.encode(text, add_special_tokens=False).ids:
+            mask.advance(token)
+    except RuntimeError:
+        return False
+    return mask.accepting
+
+
+ROOM = {"type": "object", "properties": {"room": {"type": "string"}}}
+LIGHT = {"type": "object",
+         "properties": {"id": {"type": "integer"}, "on": {"type": "boolean"}, "where": ROOM},
+         "required": ["id", "on"]}
+TOOL = {"type": "function", "function": {"name": "set_light", "parameters": LIGHT}}
+
+
+def call(arguments: dict[str, object]) -> str:
+    return f'<tool_call>\n{json.dumps({"name": "set_light", "arguments": arguments})}\n</tool_call>'
+
+
+def test_tool_arguments_hold_no_keys_the_schema_does_not_declare(
+    cache: GrammarCache, tokenizer: Tokenizer
+) -> None:
+    tools = tool_constraint([TOOL], "required", False)
+    assert allows(cache, tokenizer, tools, call({"id": 3, "on": True, "where": {"room": "hall"}}))
+    assert not allows(cache, tokenizer, tools, call({"id": 3, "on": True, "required": ["id", "on"]}))
+    assert not allows(cache, tokenizer, tools, call({"id": 3, "on": True, "where": {"room": "a", "x": 1}}))
+    # A schema that opens its objects keeps them open.
+    open_tool = {"type": "function", "function": {"name": "set_light",
+                                                  "parameters": {**LIGHT, "additionalProperties": True}}}
+    assert allows(cache, tokenizer, tool_constraint([open_tool], "required", False),
+                  call({"id": 3, "on": True, "extra": 1}))
+
+
+def test_strict_json_schema_closes_objects_and_plain_keeps_json_schemas_rules(
+    cache: GrammarCache, tokenizer: Tokenizer
+) -> None:
+    extra = json.dumps({"id": 3, "on": True, "colour": "red"})
+    assert allows(cache, tokenizer, json_schema(LIGHT), extra), "JSON Schema allows other keys"
+    assert not allows(cache, tokenizer, json_schema(LIGHT, strict=True), extra)
+    nested = json.dumps({"id": 3, "on": True, "where": {"room": "a", "x": 1}})
+    assert not allows(cache, tokenizer, json_schema(LIGHT, strict=True), nested)
+    assert allows(cache, tokenizer, json_schema(LIGHT, strict=True), json.dumps({"id": 3, "on": False}))

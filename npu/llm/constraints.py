@@ -114,8 +114,42 @@ def check_schema(schema: Any, field: str) -> dict[str, Any]:
     return dict(schema)
 
 
-def json_schema(schema: Any, *, field: str = "schema") -> Constraint:
-    """The answer is JSON that validates against ``schema``.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems", "items")
+_SCHEMA_ONE = ("items", "additionalProperties", "contains", "then", "else")
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with every object that declares ``properties`` closed to other keys.
+
+    OpenAI's ``strict: true`` means ``additionalProperties: false`` everywhere, and tool
+    arguments are held to it by default (a program that acts on arguments expects no invented
+    keys). An object that says ``additionalProperties`` (or ``patternProperties``,
+    ``unevaluatedProperties``) keeps what it says; one combined with ``allOf`` is left open,
+    since closing it would refuse the properties its other parts declare.
+    """
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {k: closed_objects(v) for k, v in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(v) for v in out[key]]
+    for key in _SCHEMA_ONE:
+        if isinstance(out.get(key), Mapping):
+            out[key] = closed_objects(out[key])
+    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf")
+    if isinstance(out.get("properties"), Mapping) and not any(k in out for k in open_keys):
+        out["additionalProperties"] = False
+    return out
+
+
+def json_schema(schema: Any, *, field: str = "schema", strict: bool = False) -> Constraint:
+    """The answer is JSON that validates against ``schema``; ``strict`` closes its objects
+    (:func:`closed_objects`), as OpenAI's ``strict: true`` does. Without it an object that does
+    not say ``additionalProperties`` allows other keys, as JSON Schema says.
 
     Raises:
         ConstraintError: not a valid JSON Schema, or one using a keyword the mask cannot enforce
@@ -123,6 +157,8 @@ def json_schema(schema: Any, *, field: str = "schema") -> Constraint:
             could not guarantee.
     """
     checked = check_schema(schema, field)
+    if strict:
+        checked = closed_objects(checked)
     grammar = llguidance.LLMatcher.grammar_from_json_schema(
         checked, overrides=JSON_STYLE  # type: ignore[arg-type]
     )

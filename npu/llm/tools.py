@@ -3,10 +3,12 @@
 A call is ``<tool_call>\\n{"name": "...", "arguments": {...}}\\n</tool_call>``, the form those
 models were trained on; the grammar (:func:`tool_constraint`) holds the model to it, the name to
 one of the request's tools and the arguments to that tool's ``parameters`` schema, so a call
-always parses. A template that knows tools (it reads the ``tools`` variable) renders them itself;
-for one that does not (SmolLM2's), :func:`fallback_messages` writes the same form into the
-conversation: the tools in a system turn worded as Qwen2.5's template words it, earlier calls as
-``<tool_call>`` blocks of the assistant's turn, and results as user turns in ``<tool_response>``.
+always parses. Its objects are closed (no argument keys the schema does not declare) unless the
+schema says ``additionalProperties``. A template that knows tools (it reads the ``tools``
+variable) renders them itself; for one that does not (SmolLM2's), :func:`fallback_messages`
+writes the same form into the conversation: the tools in a system turn worded as Qwen2.5's
+template words it, earlier calls as ``<tool_call>`` blocks of the assistant's turn, and results
+as user turns in ``<tool_response>``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from typing import Any, Literal
 import jinja2
 from jinja2 import meta
 
-from npu.llm.constraints import JSON_STYLE, Constraint, check_schema, grammar, json_schema, lark_literal
+from npu.llm.constraints import (
+    JSON_STYLE,
+    Constraint,
+    check_schema,
+    closed_objects,
+    grammar,
+    json_schema,
+    lark_literal,
+)
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 ToolChoice = Literal["auto", "none", "required"] | str  # or the name of one function
@@ -70,6 +80,7 @@ def tool_constraint(tools: Sequence[Mapping[str, Any]], choice: ToolChoice, para
             continue
         where = f"tools.{i}.function.parameters"
         schema = check_schema(function.get("parameters") or {"type": "object", "properties": {}}, where)
+        schema = closed_objects(schema)  # no invented argument keys, strict or not
         json_schema(schema, field=where)  # an unenforceable keyword is named by its tool
         schema = {**schema, "x-guidance": JSON_STYLE}
         head = lark_literal(f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": ')
