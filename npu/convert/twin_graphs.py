@@ -145,7 +145,7 @@ class TwinGraph:
         batch = self.g.const_i64("batch", [1, -1, self.shape.hidden])
         self.g.nodes.append(helper.make_node("Reshape", [last, batch], ["output"]))
         shape, f32 = self.shape, TensorProto.FLOAT
-        cache = [1, shape.n_kv_heads, "C", shape.head_dim]
+        cache: list[str | int] = [1, shape.n_kv_heads, "C", shape.head_dim]
         inputs = [
             helper.make_tensor_value_info("input", f32, [1, "T", shape.hidden]),
             helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),

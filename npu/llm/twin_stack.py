@@ -146,13 +146,17 @@ class TwinLayerStack(LayerStack):
         bundle_dir = Path(bundle_dir)
         files = find_bundle_files(bundle_dir, args.num_hidden_layers, ".onnx")
         twin = OnnxSession(bundle_dir / twin_file_name(files.prefix), threads=threads, spin_us=TWIN_SPIN_US)
+        post: OnnxSession | None = None
         try:
             post = OnnxSession(bundle_dir / f"{files.post_stem}.onnx", threads=threads)
             kv_len = args.kv_cache_len or DEFAULT_KV_CACHE_LEN
             chunks = args.max_prefill_chunks or kv_len // args.prefill_chunk
-            return cls(twin, post, args, plan_dynamic(kv_len, args.prefill_chunk, chunks, args.kv_dim))
+            plan = plan_dynamic(kv_len, args.prefill_chunk, chunks, args.kv_dim)
+            return cls(twin, post, args, plan)  # type: ignore[arg-type]
         except BaseException:
-            twin.close()
+            for session in (twin, post):
+                if session is not None:
+                    session.close()
             raise
 
     def new_cache(self) -> SequenceCache:
