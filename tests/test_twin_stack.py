@@ -131,3 +131,20 @@ def test_a_bundle_without_the_twin_graph_runs_on_its_layer_graphs(
     assert answers[0] == answers[1]
     for r in runners:
         r.close()
+
+
+def test_a_twin_graph_of_other_layers_is_refused_by_name(
+    tiny_bundles: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    import json
+
+    from npu.llm.shape_groups import BundleShapeError
+
+    _, bundle = tiny_bundles["llama"]
+    odd = tmp_path / "odd"
+    shutil.copytree(bundle, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["num_hidden_layers"] -= 1
+    (odd / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleShapeError, match=r"llama_twin\.onnx is not a twin graph of \d+ layers"):
+        LLMRunner.load(odd, backend="onnx")
