@@ -112,6 +112,10 @@ class Engine:
         # Jobs a worker took from the queue that have not ended: what ``running`` counts. Taking a
         # job and counting it happen under one lock, so no moment shows it neither waiting nor running.
         self._taken = 0
+        # ... and which worker took each: the waiting-time plan and ``queue()`` read this one list
+        # under the same lock as ``state()``, so a job between its taking and its first step (or
+        # after its last step, until answered) still holds its slot in every view.
+        self._taken_by: dict[int, tuple[DeviceWorker, WorkerJob]] = {}
         self._durations: list[float] = []
         self.jobs_done = 0
         self.jobs_failed = 0
@@ -481,11 +485,20 @@ class Engine:
         return self.places.info(self._plan(), self.config.queue_max)
 
     def _plan(self) -> Plan:
-        """The waiting jobs in the queue's service order, and each worker's slots and running jobs."""
+        """The waiting jobs in the queue's service order, and each worker's slots and the jobs it
+        took that have not been answered, read under the one lock ``state()`` counts them under."""
         with self._lock:
             waiting = self._queue.order()
-        devices = [(1 if w.thermal >= ThermalLevel.THROTTLE else w.max_active, w.active_jobs())
-                   for w in list(self.workers) if not w.abandoned]
+            taken = list(self._taken_by.values())
+            taking = self._paused_reason is None and not self._stopping
+        devices = []
+        for w in list(self.workers):
+            if w.abandoned:
+                continue
+            slots = 1 if w.thermal >= ThermalLevel.THROTTLE else w.max_active
+            if not taking or w.thermal >= ThermalLevel.PAUSE or not w.loaded.is_set():
+                slots = 0  # it takes nothing now: every waiting job waits
+            devices.append((slots, [job for worker, job in taken if worker is w]))
         return waiting, devices
 
     # called by workers -----------------------------------------------------------------------
@@ -505,6 +518,7 @@ class Engine:
             job = self._queue.pop()
             job.taken = True
             self._taken += 1
+            self._taken_by[id(job)] = (worker, job)
         self._notify_state()
         return job
 
@@ -518,6 +532,7 @@ class Engine:
         if job.taken:
             job.taken = False
             self._taken -= 1
+            self._taken_by.pop(id(job), None)
 
     def _ready_locked(self, worker: DeviceWorker) -> bool:
         return (

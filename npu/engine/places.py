@@ -1,10 +1,13 @@
 """Each job's place (queued at a position, or running) and its expected wait, sent to its sink.
 
-The engine asks the queue for its service order (``JobQueue.order``) and the workers for the jobs
-they step, and ``npu.engine.eta`` plays them forward with the measured figures. A job hears of its
-place as a ``Place`` event: when its position changes (at once), when it starts running (at once),
-and otherwise at most once every ``every`` seconds when its estimate moved, so a queue of thirty
-does not flood the broker. A job's kind tells the phases of its steps and the work it will do
+The engine asks the queue for its service order (``JobQueue.order``) and for the jobs each worker
+took and has not answered, and ``npu.engine.eta`` plays them forward with the measured figures. A
+job hears of its place as a ``Place`` event: when its position changes (at once), when it starts
+running (at once), and otherwise at most once every ``every`` seconds when its estimate moved, so
+a queue of thirty does not flood the broker. A job that a free slot takes at once never waits, so
+it hears no queued place; a job at position 1 while every slot is busy waits for the earliest
+expected end of the jobs the workers took (from the taking, not the first step), so the wait
+grows with the position. A job's kind tells the phases of its steps and the work it will do
 (``eta_phase``, ``eta_work``, ``eta_units``, ``eta_progress``); for a kind without them (speech)
 each job's whole device time is the one figure, so its wait is its model's average job. A
 waiting job's wait also counts the higher-priority work that has kept arriving lately (device
@@ -119,7 +122,10 @@ class Places:
                 starts, ends, _ = self.forecast(plan)
                 self._arrived([j for j in waiting if j.place is None], now)
                 self._arrived([j for _, running in devices for j in running if j.place is None], now)
+                free = sum(max(0, slots - len(running)) for slots, running in devices)
                 for i, job in enumerate(waiting):
+                    if i < free:
+                        continue  # a free slot takes it now: it does not wait, so no queued place
                     start = starts.get(id(job))
                     if start is not None:
                         start /= 1.0 - self._load_above(int(job.handle.request.priority), now, len(devices))
