@@ -51,6 +51,7 @@ from npu.engine.api import (
 )
 from npu.speech.audio import PCM_RATES, WHISPER_RATE, pcm16_clip, pcm_chunks, resample, wav_bytes
 from npu.speech.params import LANGUAGE_PATTERN, MAX_SPEECH_CHARS, SPEED_RANGE, SpeechInputError, SpeechParams
+from npu.speech.transcribers import resolve_stt_model
 from npu.speech.vad import UtteranceEnd
 from npu.speech.voices import resolve_voice
 
@@ -189,7 +190,7 @@ class Listening:
         self.idle_s = idle_s
         self.sweep_s = min(1.0, idle_s / 4)  # a silent stream is dropped at most this late
         self._open: dict[str, Utterance] = {}
-        self._ended: set[str] = set()  # ended (voice activity, timeout): the node's trailing audio is ignored
+        self._ended: set[str] = set()  # ended or refused: the node's trailing audio and stop are ignored
         self._lock = threading.Lock()
 
     def on_message(self, node: str, action: str, payload: bytes, response_topic: str | None = None,
@@ -217,30 +218,33 @@ class Listening:
 
     def _start(self, node: str, payload: bytes, response_topic: str | None,
                correlation: bytes | None) -> None:
+        """Open the node's stream, or refuse it at once: everything ``start`` says is checked before
+        any audio is sent (a refused node's audio and stop are then ignored until its next start)."""
         try:
             obj = decode_payload(payload) if payload.strip() else {}
+            if isinstance(obj, str):
+                raise PayloadError("bad_request", f"listen/{node}/start takes a JSON object (id, rate, "
+                                   "width, channels, language, vad, reply_to, model) or an empty payload")
             start = validate_payload(ListenStart, obj, None)
             assert isinstance(start, ListenStart)
         except PayloadError as exc:
-            self._reply(None, response_topic, correlation, exc.request_id).error(exc.code, exc.message)
+            self._refuse(node, self._reply(None, response_topic, correlation, exc.request_id), exc.code,
+                         exc.message)
             return
         reply = self._reply(start.reply_to, response_topic, correlation, start.id if start.id is not None
                             else f"listen-{node}-{int(time.time() * 1000)}")
         if reply.route.refused is not None:
-            reply.error("bad_request", reply.route.refused)
+            self._refuse(node, reply, "bad_request", reply.route.refused)
             return
-        problem = (f"rate {start.rate} Hz is not supported; use one of {', '.join(map(str, PCM_RATES))}"
-                   if start.rate not in PCM_RATES else
-                   f"width must be 2 (16-bit samples), not {start.width}" if start.width != 2 else
-                   f"channels must be 1 or 2, not {start.channels}" if start.channels not in (1, 2) else None)
+        problem = self._check_start(start)
         if problem:
-            reply.error("bad_request", problem)
+            self._refuse(node, reply, *problem)
             return
         with self._lock:
             full = node not in self._open and len(self._open) >= MAX_STREAMS
         if full:
-            reply.error("busy", f"{MAX_STREAMS} microphones are streaming already; retry when one has "
-                        "stopped", retry_after=5)
+            self._refuse(node, reply, "busy", f"{MAX_STREAMS} microphones are streaming already; retry when "
+                         "one has stopped", retry_after=5)
             return
         utterance = Utterance(start, reply, vad=UtteranceEnd() if start.vad else None)
         with self._lock:
@@ -249,6 +253,53 @@ class Listening:
             self._ended.discard(node)
         if old is not None:
             old.reply.error("cancelled", f"a new listen/{node}/start replaced this stream")
+
+    def _check_start(self, start: ListenStart) -> tuple[str, str] | None:
+        """The code and message refusing this start, or None: the id, the audio's shape, the model
+        and whether it knows the language."""
+        if start.id is not None:
+            try:
+                check_chat_id(start.id)  # public job ids hold no '/': they cannot reach a named sender's
+            except HandlerError as exc:
+                return exc.code, exc.message
+        if start.rate not in PCM_RATES:
+            rates = ", ".join(map(str, PCM_RATES))
+            return "bad_request", f"rate {start.rate} Hz is not supported; use one of {rates}"
+        if start.width != 2:
+            return "bad_request", f"width must be 2 (16-bit samples), not {start.width}"
+        if start.channels not in (1, 2):
+            return "bad_request", f"channels must be 1 or 2, not {start.channels}"
+        models = [m for m in self.ctx.engine.models() if m.kind == "stt"]
+        try:
+            chosen = resolve_stt_model(start.model, [m.id for m in models])
+        except ValueError as exc:
+            return "model_not_found", str(exc)
+        if not models:
+            return "model_not_found", ("no speech-to-text model is installed here; 'appliance models demo' "
+                                       "installs Whisper tiny.en")
+        # The named model, or (none named) any of them: the engine's default is one of these.
+        candidates = [m for m in models if chosen is None or m.id == chosen]
+        language = start.language
+        if language and candidates and all(m.languages is not None and language not in m.languages
+                                           for m in candidates):
+            model = candidates[0]
+            known = model.languages or []
+            if known == ["en"]:
+                return "bad_request", (f"the speech-to-text model {model.id} understands English only, "
+                                       f"not {language!r}")
+            return "bad_request", (f"the speech-to-text model {model.id} does not know language "
+                                   f"{language!r}; it knows {', '.join(known)}")
+        return None
+
+    def _refuse(self, node: str, reply: Reply, code: str, message: str, **extra: Any) -> None:
+        """Answer a start that opens nothing; the node's stream (if one was open) is replaced by it,
+        and its audio and stop are ignored until its next start."""
+        with self._lock:
+            old = self._open.pop(node, None)
+            self._ended.add(node)
+        if old is not None:
+            old.reply.error("cancelled", f"a new listen/{node}/start replaced this stream")
+        reply.error(code, message, **extra)
 
     def _audio(self, node: str, payload: bytes) -> None:
         with self._lock:

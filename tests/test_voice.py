@@ -293,6 +293,57 @@ def test_a_silent_microphone_is_timed_out_on_its_own_and_frees_its_slot(
         mqtt.close()
 
 
+def test_a_microphone_start_is_checked_before_any_audio(
+    voice_app: tuple[Appliance, str, str], spoken: bytes, mqtt_broker  # type: ignore[no-untyped-def]
+) -> None:
+    """A start the appliance cannot serve is refused at once with its id, before the node streams;
+    the audio and stop it then sends are ignored (no second answer)."""
+    _app, base, _ = voice_app
+    with wave.open(io.BytesIO(spoken)) as w:
+        pcm, rate = w.readframes(w.getnframes()), w.getframerate()
+    mqtt = Client(mqtt_broker.port)
+    topic = f"{base}/response/transcribe"
+    try:
+        mqtt.subscribe(topic)
+        starts: list[object] = [{"id": "d1", "rate": rate, "language": "de", "vad": False}, "not json",
+                                {"id": "d3/x", "rate": rate}, {"id": "d4", "model": "whisper-large"},
+                                {"id": "d5", "rate": rate, "vad": "yes"}]
+        for n, start in enumerate(starts):
+            mqtt.publish(f"{base}/listen/early-{n}/start", start)
+        mqtt.wait(lambda: len(mqtt.json(topic)) >= len(starts), timeout=10)
+        replies = mqtt.json(topic)
+        assert [r["status"] for r in replies] == ["error"] * len(starts), replies
+        by_id = {r["id"]: r["error"] for r in replies}
+        assert by_id["d1"]["code"] == "bad_request"
+        assert "English only, not 'de'" in by_id["d1"]["message"], by_id["d1"]
+        assert by_id[None]["code"] == "bad_request" and "JSON object" in by_id[None]["message"]
+        assert by_id["d3/x"]["code"] == "bad_request" and "'/'" in by_id["d3/x"]["message"]
+        assert by_id["d4"]["code"] == "model_not_found" and "whisper-large" in by_id["d4"]["message"]
+        assert by_id["d5"]["code"] == "bad_request" and "vad" in by_id["d5"]["message"]
+
+        for n in range(len(starts)):  # the nodes stream anyway: nothing more is answered for them
+            node = f"{base}/listen/early-{n}"
+            for at in range(0, min(len(pcm), 8192), 2048):
+                mqtt.publish(f"{node}/audio", pcm[at:at + 2048])
+            mqtt.publish(f"{node}/stop", b"")
+        mqtt.publish(f"{base}/listen/marker/stop", b"")  # answered after all of the above
+        mqtt.wait(lambda: len(mqtt.json(topic)) > len(starts), timeout=10)
+        marker = mqtt.json(topic)[len(starts):]
+        assert len(marker) == 1, marker
+        assert "listen/marker/stop without an open stream" in marker[0]["error"]["message"]
+
+        mqtt.publish(f"{base}/listen/early-0/start", {"id": "d6", "rate": rate, "language": "en",
+                                                      "vad": False})
+        for at in range(0, len(pcm), 2048):
+            mqtt.publish(f"{base}/listen/early-0/audio", pcm[at:at + 2048])
+        mqtt.publish(f"{base}/listen/early-0/stop", b"")
+        mqtt.wait(lambda: any(r["id"] == "d6" for r in mqtt.json(topic)), timeout=60)
+        done = next(r for r in mqtt.json(topic) if r["id"] == "d6")
+        assert done["status"] == "ok" and words(done["data"]["text"]) == words(SENTENCE), done
+    finally:
+        mqtt.close()
+
+
 def test_a_chat_answer_is_spoken_sentence_by_sentence(voice_app: tuple[Appliance, str, str],
                                                       mqtt_broker) -> None:  # type: ignore[no-untyped-def]
     _, base, _ = voice_app

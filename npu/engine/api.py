@@ -360,6 +360,7 @@ class ModelInfo:
     steps: list[int] | None = None  # image models: step counts they run
     sample_rate: int | None = None  # tts models: the rate of their audio; stt: the rate they read
     aliases: list[str] | None = None  # more names it answers to (``models[].aliases``)
+    languages: list[str] | None = None  # stt models: the language codes they take (None: any)
 
 
 @dataclass(frozen=True)

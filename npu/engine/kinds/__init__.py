@@ -39,6 +39,7 @@ class ModelFacts:
     sizes: list[str] | None = None
     steps: list[int] | None = None
     sample_rate: int | None = None
+    languages: list[str] | None = None
 
 
 @dataclass(frozen=True)

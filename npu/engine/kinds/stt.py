@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import string
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,34 @@ from npu.speech.params import Segment, SpeechInputError
 from npu.speech.transcribers import load_transcriber
 
 MIN_AUDIO_SECONDS = 0.1
+# Every code a front door lets through as ``language`` (LANGUAGE_PATTERN: two or three letters).
+LANGUAGE_CODES = tuple("".join(letters) for n in (2, 3)
+                       for letters in itertools.product(string.ascii_lowercase, repeat=n))
+_languages: weakref.WeakKeyDictionary[Any, list[str] | None] = weakref.WeakKeyDictionary()
+
+
+def languages_of(runner: Any) -> list[str] | None:
+    """The codes the model's own ``check_language`` takes, asked once per loaded model (about 30 ms),
+    so a front door can refuse a language before the audio is sent; None: it takes every code."""
+    try:
+        return _languages[runner]
+    except KeyError:
+        pass
+    except TypeError:  # a runner that cannot be weakly referenced: not remembered
+        return _ask_languages(runner)
+    _languages[runner] = found = _ask_languages(runner)
+    return found
+
+
+def _ask_languages(runner: Any) -> list[str] | None:
+    taken = []
+    for code in LANGUAGE_CODES:
+        try:
+            runner.check_language(code)
+        except (ValueError, SpeechInputError):
+            continue
+        taken.append(code)
+    return None if len(taken) == len(LANGUAGE_CODES) else taken
 
 
 class Transcriber(Protocol):
@@ -68,7 +99,7 @@ class SttKind:
         return model
 
     def facts(self, runner: Any) -> ModelFacts:
-        return ModelFacts(sample_rate=getattr(runner, "rate", None))
+        return ModelFacts(sample_rate=getattr(runner, "rate", None), languages=languages_of(runner))
 
     def model_not_found(self, requested: str | None, available: list[str]) -> EngineError:
         if not available:
