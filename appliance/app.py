@@ -344,13 +344,15 @@ class Appliance:
         self.link.publish(self.topics.state, json.dumps(payload), qos=1, retain=True)
         for name, value in state_figures(state).items():
             self.link.publish(self.topics.telemetry_metric(name), value, qos=0, retain=True)
-        self.publish_queue()
+        self.publish_queue(state)
 
-    def publish_queue(self) -> None:
+    def publish_queue(self, state: EngineState | None = None) -> None:
         """``{base}/queue``, retained: its length and when a request sent now would start; sent when
-        it changed (the state listener calls this on every change of the queue)."""
+        it changed (the state listener calls this on every change of the queue). Its length and
+        running jobs are those of the state snapshot ``{base}/state`` carries, so the two agree."""
         info = self.engine.queue()
-        payload = {"length": info.length, "running": info.running, "queue_max": info.queue_max,
+        length, running = (info.length, info.running) if state is None else (state.queue_depth, state.running)
+        payload = {"length": length, "running": running, "queue_max": info.queue_max,
                    "eta_s": info.eta_s}
         if payload != self._queue_sent:
             self._queue_sent = payload

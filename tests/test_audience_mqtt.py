@@ -237,3 +237,25 @@ def test_the_judge_refuses_for_its_display_and_lets_the_rest_through(app: Applia
             "prompt_refused", "judge", "kids")
     finally:
         client.close()
+
+
+def test_the_queue_and_the_state_carry_one_snapshot_of_running(app: Appliance, mqtt_broker) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    client = Client(mqtt_broker.port)
+    try:
+        client.subscribe(f"{BASE}/queue", f"{BASE}/state")
+        client.wait(lambda: bool(client.messages[f"{BASE}/queue"]))
+        # A snapshot with two jobs running (as the state listener hands it over while two run): the
+        # queue published with it says the same, whatever the engine holds a moment later.
+        snapshot = dataclasses.replace(app.engine.state(), state="busy", running=2, queue_depth=3)
+        app.publish_state(snapshot)
+        client.wait(lambda: any(q["running"] == 2 for q in client.json(f"{BASE}/queue")))
+        queue = client.json(f"{BASE}/queue")[-1]
+        state = client.json(f"{BASE}/state")[-1]
+        assert (queue["running"], queue["length"]) == (state["running"], state["queue_depth"]) == (2, 3)
+        engine_queue, engine_state = app.engine.queue(), app.engine.state()
+        assert (engine_queue.running, engine_queue.length) == (engine_state.running, engine_state.queue_depth)
+    finally:
+        app.publish_state(app.engine.state())
+        client.close()

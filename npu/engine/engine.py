@@ -482,15 +482,20 @@ class Engine:
 
     def queue(self) -> QueueInfo:
         """The queue's length and when a request sent now would start (``{base}/queue``, ``/v1/queue``)."""
-        return self.places.info(self._plan(), self.config.queue_max)
+        counts: list[int] = []
+        info = self.places.info(self._plan(counts), self.config.queue_max)
+        return dataclasses.replace(info, length=counts[0], running=counts[1])  # as ``state()`` counts
 
-    def _plan(self) -> Plan:
+    def _plan(self, counts: list[int] | None = None) -> Plan:
         """The waiting jobs in the queue's service order, and each worker's slots and the jobs it
-        took that have not been answered, read under the one lock ``state()`` counts them under."""
+        took that have not been answered, read under the one lock ``state()`` counts them under
+        (``counts`` gets that snapshot's queue depth and running jobs)."""
         with self._lock:
             waiting = self._queue.order()
             taken = list(self._taken_by.values())
             taking = self._paused_reason is None and not self._stopping
+            if counts is not None:
+                counts[:] = [len(self._queue), self._taken]
         devices = []
         for w in list(self.workers):
             if w.abandoned:
