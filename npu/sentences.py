@@ -11,7 +11,10 @@ whitespace after it included, so the units joined are the text itself; a sign st
   next one has begun; a run-on longer than ``width`` characters is cut at its last space before
   the limit (or at the limit when it has none), so one unit always fits the display or packet.
 - ``line``: greedy word wrapping to ``width`` characters (a newline in the text ends a line), as
-  ``textwrap`` does, but streamed: a line is final once a character past the width has arrived.
+  ``textwrap`` does, but streamed: a line is final once a character past the width has arrived. A
+  sign shows a piece as it comes, so a line is at most ``width`` characters with the space after
+  its last word counted (a word that would end exactly at the width goes to the next line); only
+  a newline ending the line comes on top, being the line's end rather than a character to show.
 
 pysbd is used for the boundaries only: it drops leading whitespace and control characters from
 its segments, so the cut points are found in the original text and the slices taken from it.
@@ -62,7 +65,8 @@ def split_sentences(text: str, width: int = SENTENCE_WIDTH) -> list[str]:
 
 
 def split_lines(text: str, width: int = LINE_WIDTH) -> list[str]:
-    """The whole text as lines of at most ``width`` visible characters (trailing space kept)."""
+    """The whole text as lines of at most ``width`` characters, trailing space included (a newline
+    ending a line is not counted)."""
     chunker = Chunker("line", width)
     return [*chunker.feed(text), *chunker.flush()]
 
@@ -76,6 +80,16 @@ def _cut_at_space(text: str, width: int) -> int:
             end = i
             while end < len(text) and text[end].isspace() and text[end] != "\n":
                 end += 1
+            return end
+    return width
+
+
+def _cut_line(text: str, width: int) -> int:
+    """Where a sign line ends: after the last whitespace run that ends within ``width`` characters,
+    so the line with its trailing space fits as sent and the next starts with a word; a word (or a
+    run of spaces) longer than the width is cut at the width."""
+    for end in range(min(width, len(text)), 0, -1):
+        if text[end - 1].isspace() and (end == len(text) or not text[end].isspace()):
             return end
     return width
 
@@ -122,7 +136,7 @@ class Chunker:
             if 0 <= newline <= self.width:
                 return newline + 1
             if len(text) > self.width:
-                return _cut_at_space(text, self.width)
+                return _cut_line(text, self.width)
             return None
         starts = sentence_starts(text)
         # A sentence is done once the next one has begun (a letter or digit of it arrived); at the

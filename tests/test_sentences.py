@@ -36,6 +36,8 @@ def test_units_join_to_the_text_and_fit_the_width(text: str, cuts: list[int], wi
     assert all(units), "no empty unit is handed out"
     for unit in units:
         assert len(unit.rstrip()) <= width
+        if mode == "line":  # a sign shows the piece as sent: its trailing space fits too
+            assert len(unit.removesuffix("\n")) <= width, unit
 
 
 @given(st.lists(st.sampled_from(["alpha", "be", "gamma", "delta", "epsilon"]), min_size=1, max_size=30),
@@ -46,7 +48,16 @@ def test_lines_never_split_a_word_that_fits(words: list[str], width: int, cuts: 
     assert [w for line in lines for w in line.split()] == words
     for line, following in itertools.pairwise(lines):
         assert line[-1].isspace(), f"{line!r} ends inside a word"
-        assert len(line.rstrip()) + 1 + len(following.split()[0]) > width, "greedy: the next word did not fit"
+        first = following.split()[0]
+        after = 1 if len(following) > len(first) else 0  # the space after it, unless it ends the text
+        assert len(line) + len(first) + after > width, "greedy: the next word with its space did not fit"
+
+
+def test_a_sign_line_with_its_trailing_space_fits_the_width() -> None:
+    lines = split_lines("Shadowborn. I'm your guide tonight, traveller.", 20)
+    assert "".join(lines) == "Shadowborn. I'm your guide tonight, traveller."
+    assert lines == ["Shadowborn. I'm ", "your guide tonight, ", "traveller."]
+    assert all(len(line) <= 20 for line in lines)
 
 
 def test_abbreviations_numbers_and_quotes_stay_inside_their_sentence() -> None:
@@ -79,6 +90,7 @@ def test_a_run_on_is_cut_at_a_space_within_the_width() -> None:
 def test_lines_follow_newlines_and_the_width() -> None:
     assert split_lines("The quick brown fox jumps over the lazy dog\nEnd", 16) == [
         "The quick brown ", "fox jumps over ", "the lazy dog\n", "End"]
+    assert split_lines("one " + "x" * 30, 10) == ["one ", "x" * 10, "x" * 10, "x" * 10]
 
 
 @pytest.mark.parametrize(("mode", "width"), [("word", None), ("line", 2), ("sentence", 5000)])
