@@ -235,12 +235,39 @@ def cmd_check(args: argparse.Namespace) -> int:
             groups, fine = bundle_groups(path, model.runtime)
             ok = ok and fine
             print(f"           {groups}")
+    if not check_moderation(config):
+        return 1
     if not ok:
         print("some models are missing or cannot run; 'appliance models demo' creates the demo one",
               file=sys.stderr)
         return 1
     check_personas(config)
     return 0 if check_cmm(config) else 1
+
+
+def check_moderation(config: ApplianceConfig) -> bool:
+    """Build the prompt gate as ``run`` does, reading the same word lists and curtain, so a file
+    ``run`` cannot read fails here with the same message."""
+    from prometheus_client import CollectorRegistry
+
+    from appliance.config import ConfigError
+    from appliance.gate import make_gate
+
+    try:
+        gate = make_gate(config, lambda *args, **kwargs: None, CollectorRegistry())
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return False
+    m = config.moderation
+    if gate is None:
+        print("moderation off")
+    else:
+        print(f"moderation {'on' if m.enabled else 'for some displays'}: blocklist "
+              f"{config.config_path(m.blocklist) if m.blocklist else 'none'} "
+              f"({gate.blocklist.size} words or phrases), "
+              f"judge {'on' if m.judge else 'off'}, curtain "
+              f"{config.config_path(m.curtain) if m.curtain else 'plain dark'}")
+    return True
 
 
 def check_personas(config: ApplianceConfig) -> None:

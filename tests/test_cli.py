@@ -204,3 +204,33 @@ def test_scheduler_chatter_stays_out_of_the_log_unless_debugging(tmp_path: Path)
         assert runs.isEnabledFor(logging.DEBUG)
     finally:
         logging.getLogger("apscheduler").setLevel(logging.NOTSET)
+
+
+def test_check_reads_the_gate_files_run_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from appliance.config import ConfigError, load_config
+    from appliance.gate import make_gate
+
+    fake_bundle(tmp_path / "models" / "m")
+    moderation = {"enabled": True, "blocklist": "blocked.txt", "curtain": "curtain.png",  # OPERATIONS.md
+                  "displays": {"kids-room": {"blocklist": "kids.txt", "judge": True},
+                               "artist-studio": {"enabled": False}}}
+    path = write_config(tmp_path, {"models": [{"id": "m", "path": "models/m"}], "moderation": moderation})
+    (tmp_path / "blocked.txt").write_text("badword\n")
+    messages = []
+    for missing in ("kids.txt", "curtain.png"):
+        assert main(["check", "-c", str(path)]) == 1, f"{missing} is missing"
+        err = capsys.readouterr().err
+        with pytest.raises(ConfigError) as run:  # what `appliance run` says at its start
+            make_gate(load_config(path), lambda *a, **k: None, CollectorRegistry())
+        assert str(run.value) in err and missing in err, err
+        messages.append(err)
+        if missing == "kids.txt":
+            (tmp_path / "kids.txt").write_text("scary # a comment\n")
+    assert "moderation: cannot read the blocklist" in messages[0]
+    assert "moderation: cannot read the curtain" in messages[1]
+    (tmp_path / "curtain.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 16)
+    assert main(["check", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "moderation on: blocklist" in out and "(1 words or phrases)" in out, out
