@@ -161,12 +161,17 @@ def text_logprobs(tokens: Sequence[TokenLogprob], offset: int = 0) -> dict[str, 
 
 
 def chat_choice(index: int, result: ChatResult, tools: bool, logprobs: bool) -> dict[str, Any]:
-    """One non-streamed choice: words, or ``tool_calls`` with ``finish_reason: "tool_calls"``."""
-    calls = parse_tool_calls(result.text) if tools and result.complete else None
+    """One non-streamed choice: words, or ``tool_calls`` with ``finish_reason: "tool_calls"``.
+
+    An answer of calls is never words: its whole calls are ``tool_calls`` (one ``max_tokens``
+    cut short is left out), and with none whole the content is null with ``length``.
+    """
+    calls = parse_tool_calls(result.text) if tools else None
     message: dict[str, Any] = {"role": "assistant", "content": result.text, "refusal": None}
     finish: str = result.finish_reason
-    if calls:
+    if calls is not None:
         message["content"] = None
+    if calls:
         message["tool_calls"] = [
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
             for c in calls

@@ -160,3 +160,15 @@ def test_strict_json_schema_closes_objects_and_plain_keeps_json_schemas_rules(
     nested = json.dumps({"id": 3, "on": True, "where": {"room": "a", "x": 1}})
     assert not allows(cache, tokenizer, json_schema(LIGHT, strict=True), nested)
     assert allows(cache, tokenizer, json_schema(LIGHT, strict=True), json.dumps({"id": 3, "on": False}))
+
+
+def test_after_a_whole_call_the_answer_may_end_and_one_call_ends_it(
+    cache: GrammarCache, tokenizer: Tokenizer
+) -> None:
+    one = call({"id": 3, "on": True})
+    for parallel in (True, False):
+        mask = cache.mask(tool_constraint([TOOL], "required", parallel))
+        for token in tokenizer.encode(one, add_special_tokens=False).ids:
+            mask.advance(token)
+        assert mask.accepting, "EOS is allowed after a whole call"
+        assert mask.finished is not parallel, "parallel_tool_calls false: nothing may follow the call"

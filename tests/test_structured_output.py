@@ -176,6 +176,45 @@ def test_the_openai_tool_calling_loop(client: openai.OpenAI) -> None:
     assert json.loads(args) == json.loads(call.function.arguments)
 
 
+SET_LIGHT = {"type": "function", "function": {
+    "name": "set_light", "description": "Switch a light",
+    "parameters": {"type": "object", "properties": {"id": {"type": "integer"}, "on": {"type": "boolean"}},
+                   "required": ["id", "on"]}}}
+
+
+@pytest.mark.parametrize("parallel", [None, False])
+def test_forced_tool_calls_are_tool_calls_even_when_max_tokens_cuts_a_repeat(  # type: ignore[no-untyped-def]
+    appliance, parallel: bool | None
+) -> None:
+    """At 40 to 60 tokens the demo model, after its call, starts the same call again and is cut."""
+    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+    named = {"type": "function", "function": {"name": "set_light"}}
+    for max_tokens, choice in itertools.product((40, 50, 60), ("required", named)):
+        body = {"model": "demo", "messages": [{"role": "user", "content": "Turn on light 3."}],
+                "tools": [SET_LIGHT], "tool_choice": choice, "seed": 1, "max_tokens": max_tokens, **extra}
+        r = httpx.post(f"{appliance[2]}/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        out = r.json()["choices"][0]
+        assert out["finish_reason"] == "tool_calls" and out["message"]["content"] is None, (max_tokens, out)
+        calls = out["message"]["tool_calls"]
+        assert [c["function"]["name"] for c in calls] == ["set_light"], (max_tokens, calls)
+        arguments = json.loads(calls[0]["function"]["arguments"])
+        assert set(arguments) == {"id", "on"}, "no argument the schema does not declare"
+    streamed: list[str] = []
+    finish = None
+    with httpx.stream("POST", f"{appliance[2]}/chat/completions", timeout=120, json={
+        "model": "demo", "messages": [{"role": "user", "content": "Turn on light 3."}], "tools": [SET_LIGHT],
+        "tool_choice": "required", "seed": 1, "max_tokens": 50, "stream": True, **extra}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice0 = json.loads(line[6:])["choices"][0]
+                assert not choice0["delta"].get("content"), "no raw tool markup as content"
+                calls = choice0["delta"].get("tool_calls", [])
+                streamed += [c["function"]["name"] for c in calls if c.get("id")]
+                finish = choice0["finish_reason"] or finish
+    assert streamed == ["set_light"] and finish == "tool_calls"
+
+
 def test_logprobs_and_logit_bias(client: openai.OpenAI) -> None:
     out = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}],
                                          max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)

@@ -105,3 +105,14 @@ def test_a_tool_whose_parameters_cannot_be_enforced_is_named() -> None:
         tool_constraint([{"type": "function", "function": {"name": "g", "parameters": {"type": 5}}}],
                         "required", False)
     assert caught.value.field == "tools.0.function.parameters"
+
+
+def test_a_later_call_cut_short_is_dropped_and_a_first_one_is_not() -> None:
+    guard = RepeatGuard()
+    other = CALL_TEXT.replace("Paris", "Rome")
+    sent, _ = guard.feed(CALL_TEXT + "\n" + other[:25])
+    assert sent == CALL_TEXT and guard.calls == 1
+    assert guard.drop_cut_call(), "the cut second call is dropped: the first is the answer"
+    first = RepeatGuard()
+    assert first.feed(CALL_TEXT[:25]) == (CALL_TEXT[:25], False)
+    assert not first.drop_cut_call() and first.calls == 0, "a cut first call is not whole: no answer"

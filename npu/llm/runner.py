@@ -382,7 +382,9 @@ class LLMRunner:
             finish = "stop"
             complete = False if constrained else None
         if guard is not None:
-            text = guard.feed(text)[0] + guard.flush()
+            text = guard.feed(text)[0]
+            if guard.drop_cut_call():  # a later call cut short: the whole ones are the answer
+                complete = True
         yield self._final(carry + text, None, finish, usage, prompt_ms, first_at, tuple(logprobs), complete)
 
     @staticmethod

@@ -117,7 +117,8 @@ class RepeatGuard:
     Small models, once they have made a call, tend to make it again and again until
     ``max_tokens``; a repeated call adds nothing, so the answer ends before it. The first call
     streams as it comes; each later one is held until it is whole, then sent or, if it repeats
-    one, dropped with everything after it.
+    one, dropped with everything after it. A later call that ``max_tokens`` cuts short is dropped
+    too (:meth:`drop_cut_call`), so the answer is its whole calls.
     """
 
     def __init__(self) -> None:
@@ -146,10 +147,20 @@ class RepeatGuard:
             self._held = True
         return "".join(out), False
 
-    def flush(self) -> str:
-        """What is held when the answer ends otherwise (EOS, ``max_tokens``)."""
-        held, self._block = (self._block if self._held else ""), ""
-        return held
+    @property
+    def calls(self) -> int:
+        """Complete calls seen so far."""
+        return len(self._seen)
+
+    def drop_cut_call(self) -> bool:
+        """At an end other than the grammar's (``max_tokens``): drop a later call cut short.
+
+        The grammar lets the answer end only after a whole call, so a held block at the end is a
+        call ``max_tokens`` cut; it is dropped and the whole calls before it are the answer.
+        True when one was dropped.
+        """
+        dropped, self._block = bool(self._held and self._block), ""
+        return dropped
 
 
 @dataclass
