@@ -12,7 +12,7 @@ from starlette.requests import Request
 from bridge_http.body_guard import DEFAULT_MAX_BODY
 from bridge_http.errors import OpenAIError
 from bridge_http.image_store import ImageStore
-from npu.engine.api import EngineClient, Persona
+from npu.engine.api import EngineClient, Persona, persona_missing
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,8 @@ class Bridge:
         if persona is not None:
             found = self.engine.persona(persona)
             if found is None:
-                names = ", ".join(p.name for p in self.engine.personas()) or "none"
-                raise OpenAIError(404, f"there is no persona {persona!r} now; available: {names}",
-                                  param="persona", code="model_not_found")
+                missing = persona_missing(persona, [p.name for p in self.engine.personas()])
+                raise OpenAIError(404, missing.message, param="persona", code=missing.code.value)
             return found
         return self.engine.persona(model) if model else self.engine.persona(None)
 

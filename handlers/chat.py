@@ -40,7 +40,18 @@ from handlers.payloads import ChatPayload, ImagePayload
 from handlers.reply import JobSink, ProgressTopic, Reply
 from handlers.spoken import SpokenAnswer
 from handlers.structured import is_json_request, structured_data, with_constraint
-from npu.engine.api import ChatRequest, ChatResult, Delta, Done, EngineError, Failed, JobEvent, Persona, Sink
+from npu.engine.api import (
+    ChatRequest,
+    ChatResult,
+    Delta,
+    Done,
+    EngineError,
+    Failed,
+    JobEvent,
+    Persona,
+    Sink,
+    persona_missing,
+)
 from npu.llm.params import GenerationParams, max_prompt_chars
 from npu.sentences import Chunker
 from npu.speech.voices import resolve_voice
@@ -74,8 +85,8 @@ def find_persona(ctx: HandlerContext, name: str | None, model: str | None) -> Pe
         return ctx.engine.persona(model)
     persona = ctx.engine.persona(name)
     if persona is None:
-        names = ", ".join(p.name for p in ctx.engine.personas()) or "none"
-        raise HandlerError("bad_request", f"persona: there is no persona {name!r} now; available: {names}")
+        missing = persona_missing(name, [p.name for p in ctx.engine.personas()])
+        raise HandlerError(missing.code.value, missing.message)
     return persona
 
 
@@ -120,9 +131,11 @@ def check_chat_id(request_id: str | int) -> None:
 class ChatSink(JobSink):
     """Publishes the stream and completes the reply (with its text copy); never blocks."""
 
-    def __init__(self, req: ChatPayload, ctx: HandlerContext, reply: Reply, request_id: str | int) -> None:
+    def __init__(self, req: ChatPayload, ctx: HandlerContext, reply: Reply, request_id: str | int,
+                 shown_model: str | None = None) -> None:
         super().__init__(reply, request_id)
         self.ctx = ctx
+        self.shown_model = shown_model  # the persona a request asked for, named as HTTP names it
         self.json_answer = is_json_request(req)
         if req.max_bytes:
             reply.max_text_bytes = req.max_bytes
@@ -148,7 +161,7 @@ class ChatSink(JobSink):
             usage = r.usage
             self.reply.ok({
                 "text": r.text,
-                "model": r.model,
+                "model": self.shown_model or r.model,
                 "finish_reason": r.finish_reason,
                 "usage": {
                     "prompt_tokens": usage.prompt_tokens,
@@ -237,7 +250,10 @@ def handle_chat(req: ChatPayload, ctx: HandlerContext, reply: Reply, meta: Reque
         )
     except ValueError as exc:
         raise HandlerError("bad_request", str(exc)) from exc
-    sink: Sink = ChatSink(req, ctx, reply, request_id)
+    # As over HTTP, the answer names the persona asked for (by ``persona``, by ``model`` or as the
+    # scene's default), unless the request named a model of its own beside it.
+    shown = persona.name if persona is not None and req.model in (None, persona.name) else None
+    sink: Sink = ChatSink(req, ctx, reply, request_id, shown)
     if req.speak is not None:  # spoken sentence by sentence as it is written
         sink = spoken_answer(sink, req, ctx, request_id, meta)
 

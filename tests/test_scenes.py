@@ -117,13 +117,23 @@ def test_a_scheduled_start_on_a_simulated_clock_changes_the_personas_and_is_anno
                             for e in client.json(f"{BASE}/event")))
     oai = openai.OpenAI(base_url=f"http://127.0.0.1:{app.http.bound_port}/v1", api_key="x",  # type: ignore[union-attr]
                         max_retries=0)
-    with pytest.raises(openai.NotFoundError, match="not in the current scene"):
-        oai.chat.completions.create(model="guide", messages=[{"role": "user", "content": "Hi"}])
-    refused = ask(client, "chat", {"id": "g1", "persona": "guide", "prompt": "Hello?"})
-    assert refused["status"] == "error" and refused["error"]["code"] == "bad_request"
-    assert "guide" in refused["error"]["message"] and "coyote" in refused["error"]["message"]
+    said = "persona 'guide' is not in the current scene; its personas: coyote"
+    hi = [{"role": "user", "content": "Hi"}]
+    for extra in ({"model": "guide"}, {"model": "coyote", "extra_body": {"persona": "guide"}}):
+        with pytest.raises(openai.NotFoundError) as http:  # one message and code at every door
+            oai.chat.completions.create(messages=hi, **extra)  # type: ignore[call-overload]
+        assert http.value.code == "model_not_found" and said in str(http.value), http.value
+    for field in ("persona", "model"):
+        refused = ask(client, "chat", {"id": f"g-{field}", field: "guide", "prompt": "Hello?"})
+        assert refused["status"] == "error" and refused["error"] == {"code": "model_not_found",
+                                                                     "message": said}, refused
     plain = ask(client, "chat", {"id": "n1", "prompt": "Who are you?"})
     assert plain["status"] == "ok", plain
+    assert plain["data"]["model"] == "coyote", "the answer names the persona, as over HTTP"
+    named = ask(client, "chat", {"id": "n2", "model": "coyote", "prompt": "Hi.", "max_tokens": 2})
+    assert named["data"]["model"] == "coyote"
+    answer = oai.chat.completions.create(model="coyote", messages=hi, max_tokens=2)
+    assert answer.model == named["data"]["model"]
     assert plain["data"]["usage"]["cached_tokens"] >= 256, "a request naming nothing is the night's coyote"
     assert plain["data"]["usage"]["completion_tokens"] <= 12, "with the coyote's max_tokens"
     wait_until(lambda: "tiny" in app.engine.loaded_models())  # the night scene loads its model

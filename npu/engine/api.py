@@ -66,6 +66,14 @@ class EngineError(Exception):
         return f"EngineError({self.code.value}, {self.message!r})"
 
 
+def persona_missing(name: str, available: Sequence[str]) -> EngineError:
+    """The one refusal of a persona requests may not name now (unknown, or left out of the current
+    scene), whichever front door and field named it: MQTT ``persona`` or ``model``, HTTP ``model``
+    or ``extra_body`` persona."""
+    return EngineError(ErrorCode.MODEL_NOT_FOUND, f"persona {name!r} is not in the current scene; "
+                       f"its personas: {', '.join(available) or 'none'}")
+
+
 class Priority(enum.IntEnum):
     """Lower runs first. Interactive chat outranks background work such as images.
 

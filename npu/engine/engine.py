@@ -33,6 +33,7 @@ from npu.engine.api import (
     Request,
     Sink,
     StateListener,
+    persona_missing,
 )
 from npu.engine.config import EngineConfig, ModelSpec, RecoveryConfig
 from npu.engine.events import Listeners
@@ -209,9 +210,7 @@ class Engine:
         model_id = request.model or self.defaults.get(kind.name)
         spec = self.specs.get(self.aliases.get(model_id or "", model_id or ""))
         if spec is None and request.model in self._personas:  # a persona the scene leaves out
-            names = ", ".join(p.name for p in self.personas()) or "none"
-            raise EngineError(ErrorCode.MODEL_NOT_FOUND, f"persona {request.model!r} is not in the current "
-                              f"scene; its personas: {names}")
+            raise persona_missing(request.model, [p.name for p in self.personas()])
         if spec is None or spec.kind != kind.name:
             available = [m for m, s in self.specs.items() if s.kind == kind.name]
             raise kind.model_not_found(request.model, available)
