@@ -9,7 +9,8 @@ put into the page with ``textContent`` only.
 
 - ``GET /console/auth``: whether the key is needed and whether the one sent is right (never a 401).
 - ``GET /console/events``: the console's one stream (``bridge_http/live.py``).
-- ``POST /console/pause|resume|reload|restart``: the controls; ``restart`` wants ``{"confirm": true}``.
+- ``POST /console/pause|resume|reload|restart``: the controls; ``restart`` wants ``{"confirm": true}``;
+  ``pause`` takes an optional ``{"reason"}`` and, like ``resume``, works without a body.
 - ``POST /console/image``: an image prompt, answered as a stream of progress, previews and the result.
 - ``GET /display/<name>/events``: a display's stream (``bridge_http/displays.py``).
 - ``GET /display/<name>/image/<token>``: a picture; the unguessable token is its key.
@@ -175,9 +176,12 @@ async def display_events(name: str, request: Request) -> StreamingResponse:
 
 
 # the controls -------------------------------------------------------------------------------------
+PAUSED_FROM_CONSOLE = "paused from the console"
+
+
 class PauseBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reason: str = Field("paused from the console", min_length=1, max_length=200)
+    reason: str = Field(PAUSED_FROM_CONSOLE, min_length=1, max_length=200)
 
 
 class ReloadBody(BaseModel):
@@ -196,8 +200,8 @@ def engine_of(request: Request) -> EngineClient:
 
 
 @api_router.post("/console/pause")
-async def console_pause(body: PauseBody, request: Request) -> dict[str, Any]:
-    engine_of(request).pause(body.reason)
+async def console_pause(request: Request, body: PauseBody | None = None) -> dict[str, Any]:
+    engine_of(request).pause(body.reason if body is not None else PAUSED_FROM_CONSOLE)  # a body is optional
     return {"ok": True, "state": engine_of(request).state().state}
 
 
