@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", parents=[common], help="the resident engine: models, MQTT")
+    run = sub.add_parser("run", parents=[common],
+                         help="the resident engine: models, MQTT, the HTTP bridge (OpenAI API, console)")
     _add_config_option(run)
     run.set_defaults(func=cmd_run)
 

@@ -234,3 +234,15 @@ def test_check_reads_the_gate_files_run_reads(tmp_path: Path, capsys: pytest.Cap
     assert main(["check", "-c", str(path)]) == 0
     out = capsys.readouterr().out
     assert "moderation on: blocklist" in out and "(1 words or phrases)" in out, out
+
+
+def test_help_says_run_serves_http_and_the_demo_shows_the_console(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    run_line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("run "))
+    assert "MQTT" in run_line and "HTTP" in run_line, run_line
+    root = Path(__file__).resolve().parents[1]
+    script = "source scripts/lib/demo_instructions.sh; demo_instructions 1999 8123"
+    printed = subprocess.run(["bash", "-c", script], cwd=root, capture_output=True, text=True,
+                             check=True).stdout
+    assert "console" in printed and "http://127.0.0.1:8123/ " in printed, printed
+    assert "mosquitto_pub -p 1999" in printed
