@@ -87,3 +87,15 @@ def test_five_at_once_on_two_slots_wait_in_order_and_the_views_agree(engine: Eng
         assert all(p.eta_s is not None and p.eta_s > 0 for p in queued), queued
         at_one = [p.eta_s for p in queued if p.position == 1]
         assert 0.0 not in at_one, at_one
+
+
+def test_the_console_list_counts_a_taken_job_as_running_as_the_state_does(engine: Engine) -> None:
+    assert engine.wait_idle(60)
+    done = _chat(engine, 4)
+    deadline = time.monotonic() + 10
+    while engine.state().running == 0:  # taken: it is in the 0.3 s before its first step
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    listed = [job for job in engine.jobs() if job.state == "running"]
+    assert len(listed) == engine.state().running == 1, listed
+    assert done.wait(60)

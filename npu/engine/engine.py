@@ -396,10 +396,11 @@ class Engine:
                     for name, c in sorted(counts.items())}
 
     def jobs(self) -> list[JobInfo]:
-        """The running jobs, then the waiting ones in the order workers will take them."""
+        """The running jobs (every one a worker took and has not answered, as ``state()`` counts
+        them), then the waiting ones in the order workers will take them."""
         with self._lock:
             waiting = self._queue.order()
-        running = [job for worker in list(self.workers) for job in worker.active_jobs()]
+            running = [job for _, job in self._taken_by.values()]
         now = time.monotonic()
         return ([self._job_info(job, "running", None, now) for job in running]
                 + [self._job_info(job, "queued", i + 1, now) for i, job in enumerate(waiting)])
