@@ -149,10 +149,10 @@ ALLOWED: dict[str, tuple[list[str], list[str]]] = {
                    "appliance/progress/a1"]),
     # every topic its discovered entities use: states, controls, the picture and its prompt box
     "homeassistant": (["homeassistant/status", "appliance/request/restart", "appliance/request/pause",
-                       "appliance/request/chat", "appliance/request/image"],
+                       "appliance/request/chat", "appliance/request/image", "appliance/request/scene"],
                       ["homeassistant/device/x/config", "appliance/telemetry/queue_depth",
-                       "appliance/state", "appliance/status", "appliance/display/main",
-                       "appliance/display/main/meta", "appliance/response/chat"]),
+                       "appliance/state", "appliance/status", "appliance/event", "appliance/scene",
+                       "appliance/display/main", "appliance/display/main/meta", "appliance/response/chat"]),
     "appliance": (["appliance/status", "appliance/display/main", "homeassistant/device/x/config",
                    "replies/a"],
                   ["appliance/request/chat", "homeassistant/status"]),
@@ -214,14 +214,36 @@ def test_each_role_can_do_what_it_must_and_nothing_else(broker: Broker, role: st
         admin.close()
 
 
+def install_home_assistant_topics(base: str) -> tuple[set[str], set[str]]:
+    """(read, written) topics that docs/INSTALL.md's Home Assistant section and its automation
+    example use, moved onto ``base``: the automation's ``topic:`` lines and the section's
+    `request/...`, `response/...` and `homeassistant/...` names."""
+    text = (ROOT / "docs/INSTALL.md").read_text()
+    section = text.split("### Home Assistant\n", 1)[1].split("\n### ", 1)[0]
+    reads_ = {base + "/" + t.split("/", 1)[1] for t in re.findall(r"^\s*topic: (\S+)$", section, re.M)}
+    named = set(re.findall(r"`((?:request|response|homeassistant)/[a-z/]+)`", section))
+    writes = {f"{base}/{t}" for t in named if t.startswith("request/")}
+    reads_ |= {t if t.startswith("homeassistant/") else f"{base}/{t}" for t in named - {*writes}
+               if not t.startswith("request/")}
+    return reads_, writes
+
+
 def test_home_assistant_may_use_every_topic_its_discovered_entities_use(broker: Broker) -> None:
-    """Read from the discovery payload itself, the image model's entities included."""
-    _, payload = build_discovery(Topics("appliance"), version="1", model_ids=["sd"], display="main")
+    """Read from the discovery payload itself, the image model's and the scenes' entities
+    included, and from the topics INSTALL.md's Home Assistant section and automation use."""
+    _, payload = build_discovery(Topics("appliance"), version="1", model_ids=["sd"], display="main",
+                                 scenes=["opening", "night"])
     comps = payload["components"].values()
     reads_ = {c[k] for c in comps for k in ("state_topic", "image_topic") if k in c}
     reads_ |= {a["topic"] for a in payload["availability"]}
     writes = {c["command_topic"] for c in comps if "command_topic" in c}
     assert "appliance/display/main" in reads_ and "appliance/request/image" in writes
+    assert "appliance/scene" in reads_ and "appliance/request/scene" in writes
+    doc_reads, doc_writes = install_home_assistant_topics("appliance")
+    assert "appliance/event" in doc_reads and "appliance/response/chat" in doc_reads
+    assert "appliance/request/pause" in doc_writes and "homeassistant/status" in doc_reads
+    reads_ |= doc_reads
+    writes |= doc_writes
     ha, admin = Session(broker, "homeassistant"), Session(broker, "admin")
     try:
         assert [t for t in sorted(writes) if not ha.can_publish(t)] == []
