@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import re
 import shutil
 import subprocess
 import sys
@@ -67,3 +68,25 @@ def test_the_display_unit_verifies_and_opens_a_display_page_in_kiosk_mode() -> N
     assert "/display/" in service["Environment"] and "--kiosk" in service["ExecStart"]
     assert "--user-data-dir=%h/" in service["ExecStart"], "a kept profile keeps the key the page stored"
     assert service["Restart"] == "always" and unit["Install"]["WantedBy"] == "graphical-session.target"
+
+
+def test_a_percent_in_the_display_address_needs_the_env_file_or_a_doubled_percent(tmp_path: Path) -> None:
+    """systemd expands specifiers in a drop-in's Environment= (a bare %20 is dropped with a
+    warning), not in an EnvironmentFile; INSTALL.md's override example must verify cleanly."""
+    service = read_unit(UNITS / "appliance-display.service")["Service"]
+    assert service["EnvironmentFile"] == "-%h/.config/appliance-display.env"
+    shutil.copy(UNITS / "appliance-display.service", tmp_path)
+    drop_in = tmp_path / "appliance-display.service.d"
+    drop_in.mkdir()
+
+    def verify_with(line: str) -> str:
+        (drop_in / "override.conf").write_text(f"[Service]\n{line}\n")
+        return verify(tmp_path / "appliance-display.service", unit_path=tmp_path)
+
+    bare = verify_with("Environment=APPLIANCE_DISPLAY_URL=http://pi:8000/display/north?text=Gallery%20North")
+    assert "Failed to resolve specifiers" in bare
+    install = (ROOT / "docs/INSTALL.md").read_text()
+    documented = re.findall(r"Environment=APPLIANCE_DISPLAY_URL=[^`\s]+", install)
+    assert documented and any("%%" in line for line in documented)
+    for line in documented:
+        assert verify_with(line) == "", line
