@@ -163,6 +163,7 @@ class Appliance:
         if http_error:
             self.event("http_failed", error=http_error)
         elif self.ui is not None and self.display_feed is not None:
+            self.ui.live.mqtt_connected = self.link.connected.is_set  # the console shows the broker link
             self.ui.live.start()  # the console's hour of charts starts now, not when a page opens
             self.display_feed.start()
         self.engine.add_event_listener(lambda name, fields: self.event(name, **fields))

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bridge_http.fanout import Fanout, Subscriber, sse
@@ -55,6 +56,9 @@ class LiveFeed:
         self._last_queue: list[dict[str, Any]] = []
         self._eta: float | None = None
         self._shown_queue: list[dict[str, Any]] | None = None  # what changed is sent, not the clock
+        # Whether the appliance's MQTT link is up (``MqttLink.connected``); None: no MQTT here.
+        self.mqtt_connected: Callable[[], bool] | None = None
+        self._mqtt: bool | None = None
 
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -83,6 +87,7 @@ class LiveFeed:
                     next_sample = time.monotonic() + self.interval
                     self.sample()
                 self.publish_queue()
+                self.publish_mqtt()
             except Exception:
                 logger.exception("console sample failed")
             if self._stop.wait(QUEUE_EVERY):
@@ -104,7 +109,23 @@ class LiveFeed:
             sse("history", list(self.history)),
             sse("log", list(self.log)),
             sse("queue", {"jobs": self._last_queue, "eta_s": self._eta}),
+            sse("mqtt", {"connected": self._mqtt if self._mqtt is not None or self.mqtt_connected is None
+                         else bool(self.mqtt_connected())}),
         ]
+
+    def publish_mqtt(self) -> None:
+        """The MQTT link's state when it changed (looked at every second), with an event in the log:
+        ``mqtt_disconnected`` when the broker went away, ``mqtt_connected`` when it is back."""
+        if self.mqtt_connected is None:
+            return
+        connected = bool(self.mqtt_connected())
+        with self._lock:
+            if connected == self._mqtt:
+                return
+            was, self._mqtt = self._mqtt, connected
+            self._publish_locked("mqtt", {"connected": connected, "ts": round(time.time(), 3)})
+        if was is not None:  # a change, not the first look
+            self._on_event("mqtt_connected" if connected else "mqtt_disconnected", {})
 
     def publish_queue(self) -> None:
         """Every waiting and running job, sent when anything about them changed."""

@@ -116,18 +116,18 @@ def display_name(name: str) -> str:
     return name
 
 
-@pages_router.get("/")
+@pages_router.api_route("/", methods=["GET", "HEAD"])
 async def console_page() -> Response:
     return page("console.html")
 
 
-@pages_router.get("/display/{name}")
+@pages_router.api_route("/display/{name}", methods=["GET", "HEAD"])
 async def display_page(name: str) -> Response:
     display_name(name)
     return page("display.html")
 
 
-@pages_router.get("/ui/{asset}")
+@pages_router.api_route("/ui/{asset}", methods=["GET", "HEAD"])
 async def asset(asset: str) -> Response:
     if asset not in ASSETS:
         raise OpenAIError(404, f"no asset {asset!r}", type="not_found_error")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -289,15 +290,21 @@ def test_restart_needs_a_confirmation_then_the_card_comes_back(console: Watched,
     wait_state(page, "idle")
     page.click("#pause")
     wait_state(page, "paused")
+    page.wait_for_function("() => document.getElementById('action-note').textContent.startsWith('Paused')")
     page.click("#resume")
     wait_state(page, "idle")
+    page.wait_for_function("() => document.getElementById('action-note').textContent.startsWith('Resumed')")
+    page.wait_for_selector("#log li[data-event=paused]", state="attached", timeout=5_000)
+    page.wait_for_selector("#log li[data-event=resumed]", state="attached", timeout=5_000)
     page.evaluate("""() => { window.__states = []; const badge = document.getElementById('state');
         new MutationObserver(() => window.__states.push(badge.dataset.state))
           .observe(badge, {attributes: true, attributeFilter: ['data-state']}); }""")
     page.click("#reload")
     page.wait_for_function("() => window.__states.includes('recovering')", timeout=30_000)
     wait_state(page, "idle", timeout=60)
-    page.wait_for_function("() => document.getElementById('action-note').textContent === ''", timeout=30_000)
+    page.wait_for_function("() => document.getElementById('action-note').textContent"
+                           ".startsWith('Models reloaded')", timeout=30_000)
+    page.wait_for_selector("#log li[data-event=reloaded]", state="attached", timeout=5_000)
     page.click("#restart")
     assert page.is_visible("#restart-confirm")
     time.sleep(0.5)
@@ -313,6 +320,67 @@ def test_restart_needs_a_confirmation_then_the_card_comes_back(console: Watched,
     page.wait_for_function("() => document.getElementById('chart-temp').dataset.points > 0", timeout=15_000)
     page.screenshot(path=str(DOCS / "console.png"), full_page=True)
     assert console.problems == [], console.problems
+
+
+def test_personas_keep_their_settings_the_list_holds_chat_only_the_broker_link_shows_and_sign_out(
+        browser: Any, rig: Rig) -> None:
+    watched = open_page(browser, rig.url + "/", viewport={"width": 1280, "height": 900})
+    page = watched.page
+    sent: list[dict[str, Any]] = []
+    try:
+        # /v1/models as an appliance with a voice and a speech-to-text model lists it (the engine
+        # knows their kinds: neither is a chat model, so neither belongs in the prompt's list).
+        def models(route: Any) -> None:
+            listed = route.fetch().json()
+            listed["data"] += [{"id": "joe-us-medium", "object": "model", "owned_by": "appliance"},
+                               {"id": "whisper-tiny-en", "object": "model", "owned_by": "appliance"}]
+            route.fulfill(json=listed)
+
+        page.route("**/v1/models", models)
+        page.route("**/v1/chat/completions",
+                   lambda route: (sent.append(json.loads(route.request.post_data)), route.continue_()))
+        sign_in(page)
+        page.wait_for_selector("#link[data-status=live]", timeout=10_000)
+        page.wait_for_function("() => document.querySelectorAll('#chat-model option').length > 0")
+        options = page.eval_on_selector_all("#chat-model option", "os => os.map(o => o.value)")
+        assert options == ["demo", "coyote"], options
+        assert page.get_attribute("#chat-temperature", "placeholder") == "default"
+        assert page.get_attribute("#chat-max", "placeholder") == "default"
+        # A persona with the fields left empty sends neither: the persona's own settings apply.
+        page.select_option("#chat-model", "coyote")
+        page.fill("#chat-prompt", "Howl.")
+        page.click("#chat-send")
+        page.wait_for_function("() => !document.getElementById('chat-stop').disabled", timeout=10_000)
+        page.click("#chat-stop")
+        page.wait_for_selector("#chat-answer[data-done=true]", timeout=30_000)
+        assert sent[-1]["model"] == "coyote" and sent[-1]["stream"] is True
+        assert "temperature" not in sent[-1] and "max_tokens" not in sent[-1], sent[-1]
+        # The broker goes away: the header says so and the log has it; then it is back.
+        page.wait_for_selector("#mqtt[data-status=up]", timeout=10_000)
+        rig.broker.stop()
+        try:
+            started = time.monotonic()
+            page.wait_for_selector("#mqtt[data-status=down]", timeout=5_000)
+            page.wait_for_selector("#log li[data-event=mqtt_disconnected]", state="attached", timeout=5_000)
+            assert time.monotonic() - started < 5
+            assert "down" in page.inner_text("#mqtt")
+        finally:
+            rig.broker.start()
+        page.wait_for_selector("#mqtt[data-status=up]", timeout=40_000)
+        page.wait_for_selector("#log li[data-event=mqtt_connected]", state="attached", timeout=5_000)
+        assert rig.app.link.subscribed.wait(10)
+        # Sign out: the key is forgotten (the tab's and a remembered one) and the login form is back.
+        page.evaluate("localStorage.setItem('appliance.api_key', 'remembered')")
+        page.click("#signout")
+        page.wait_for_selector("#login:not([hidden])", timeout=5_000)
+        assert page.is_hidden("#main")
+        assert page.evaluate("sessionStorage.getItem('appliance.api_key')") is None
+        assert page.evaluate("localStorage.getItem('appliance.api_key')") is None
+        page.reload()
+        page.wait_for_selector("#login:not([hidden])", timeout=10_000)
+        assert watched.problems == [], watched.problems
+    finally:
+        page.context.close()
 
 
 def test_the_console_fits_a_phone(browser: Any, rig: Rig) -> None:

@@ -3,7 +3,7 @@
 "use strict";
 
 (function () {
-  const { AuthError, authHeaders, postJSON, readEvents, LiveStream, ensureKey, el, errorText } = window.Live;
+  const { Key, AuthError, authHeaders, postJSON, readEvents, LiveStream, ensureKey, el, errorText } = window.Live;
   const { drawChart, formatNumber } = window.Charts;
   const $ = (id) => document.getElementById(id);
   const HOUR = 3600;
@@ -57,6 +57,9 @@
       dd.dataset.field = "status";
       list.appendChild(dd);
       node.appendChild(list);
+      if (card.temperature_c == null && card.npu_load_pct == null && card.cmm_free_mib == null) {
+        node.appendChild(el("p", { className: "note" }, "No card readings: the CPU twin runs the models (no NPU card)."));
+      }
       box.appendChild(node);
     }
   }
@@ -122,6 +125,7 @@
     drawChart($("chart-tokens"), series("tokens_per_s"), { min: 0, floor: 5, span });
     drawChart($("chart-queue"), series("queue_depth"), { min: 0, floor: 2, span });
     drawChart($("chart-temp"), series("temperature_c"), { min: 30, floor: 10, span });
+    $("temp-none").hidden = history.length === 0 || history.some((p) => p.temperature_c != null);
     const last = history[history.length - 1] || {};
     $("now-tokens").textContent = last.tokens_per_s == null ? "" : formatNumber(last.tokens_per_s);
     $("now-queue").textContent = last.queue_depth == null ? "" : String(last.queue_depth);
@@ -156,6 +160,7 @@
       imageModels = new Set(data.models.filter((m) => m.kind === "image").map((m) => m.id));
       fillSelect($("image-model"), [...imageModels]);
       $("image-panel").hidden = imageModels.size === 0; // no image model here: no image box
+      $("image-none").hidden = imageModels.size > 0; // ... and a line saying why
       loadChatModels(data.models);
     },
     state: showState,
@@ -166,7 +171,16 @@
     event: addLog,
     queue: showQueue,
     progress: jobProgress,
+    mqtt: showMqtt,
   };
+
+  // The appliance's own MQTT link: the broker down means no MQTT request reaches it.
+  function showMqtt(data) {
+    const node = $("mqtt");
+    const status = data.connected === null ? "none" : data.connected ? "up" : "down";
+    node.dataset.status = status;
+    node.textContent = { up: "MQTT connected", down: "MQTT down: broker unreachable", none: "no MQTT" }[status];
+  }
 
   function linkStatus(status) {
     const link = $("link");
@@ -186,6 +200,13 @@
     stream.start();
   }
 
+  // Forgets the key (this tab's and a remembered one) and asks for it again.
+  function signOut() {
+    Key.clear();
+    stream.stop();
+    linkStatus("login");
+  }
+
   function fillSelect(select, ids) {
     const current = select.value;
     select.replaceChildren();
@@ -193,28 +214,31 @@
     if (ids.includes(current)) select.value = current;
   }
 
-  // Chat models and personas as /v1/models lists them (it knows personas; the engine knows models).
+  // Chat models and personas as /v1/models lists them (it knows personas and aliases; the engine
+  // knows each model's kind): a voice, speech-to-text or image model cannot answer a prompt.
   async function loadChatModels(engineModels) {
-    let ids = engineModels.filter((m) => m.kind === "chat").map((m) => m.id);
+    const chat = new Set(engineModels.filter((m) => m.kind === "chat").map((m) => m.id));
+    let ids = [...chat];
     try {
       const response = await fetch("/v1/models", { headers: authHeaders() });
       if (response.ok) {
-        const listed = (await response.json()).data.map((m) => m.id);
-        ids = listed.filter((id) => !imageModels.has(id));
+        const listed = (await response.json()).data;
+        ids = listed.filter((m) => chat.has(m.id) || (m.parent ? chat.has(m.parent) : m.persona === true))
+          .map((m) => m.id);
       }
     } catch (_) { /* keep the engine's list */ }
     fillSelect($("chat-model"), ids);
   }
 
   // --- controls -----------------------------------------------------------------------------------
-  async function act(button, url, body, doing) {
+  async function act(button, url, body, doing, done) {
     const note = $("action-note");
     button.disabled = true;
     note.textContent = doing || "";
     note.className = "note";
     try {
-      await postJSON(url, body);
-      note.textContent = "";
+      const answer = await postJSON(url, body);
+      note.textContent = done ? done(answer || {}) : "";
     } catch (error) {
       note.textContent = error.message;
       note.className = "note error";
@@ -227,14 +251,20 @@
   }
 
   function wireControls() {
-    $("pause").addEventListener("click", () => act($("pause"), "/console/pause", {}));
-    $("resume").addEventListener("click", () => act($("resume"), "/console/resume", {}));
-    $("reload").addEventListener("click", () => act($("reload"), "/console/reload", {}, "reloading the models…"));
+    const now = () => new Date().toLocaleTimeString();
+    $("pause").addEventListener("click", () => act($("pause"), "/console/pause", {}, "pausing…",
+      (a) => "Paused at " + now() + " (state " + a.state + "): running jobs finish, new ones wait."));
+    $("resume").addEventListener("click", () => act($("resume"), "/console/resume", {}, "resuming…",
+      (a) => "Resumed at " + now() + " (state " + a.state + ")."));
+    $("reload").addEventListener("click", () => act($("reload"), "/console/reload", {}, "reloading the models…",
+      (a) => "Models reloaded at " + now() + " (state " + a.state + ")."));
+    $("signout").addEventListener("click", signOut);
     $("restart").addEventListener("click", () => { $("restart-confirm").hidden = false; });
     $("restart-no").addEventListener("click", () => { $("restart-confirm").hidden = true; });
     $("restart-yes").addEventListener("click", async () => {
       $("restart-confirm").hidden = true;
-      await act($("restart"), "/console/restart", { confirm: true }, "restarting…");
+      await act($("restart"), "/console/restart", { confirm: true }, "restarting…",
+        () => "Restarted at " + now() + ".");
     });
   }
 
@@ -253,10 +283,12 @@
     const system = $("chat-system").value.trim();
     if (system) messages.push({ role: "system", content: system });
     messages.push({ role: "user", content: $("chat-prompt").value });
-    const body = {
-      model: $("chat-model").value || undefined, messages, stream: true,
-      temperature: numberOr($("chat-temperature"), 0.7), max_tokens: numberOr($("chat-max"), 200),
-    };
+    // Only what the operator set: an empty field leaves the persona's (or the model's) own setting.
+    const body = { model: $("chat-model").value || undefined, messages, stream: true };
+    const temperature = numberOr($("chat-temperature"), null);
+    if (temperature !== null) body.temperature = temperature;
+    const maxTokens = numberOr($("chat-max"), null);
+    if (maxTokens !== null) body.max_tokens = maxTokens;
     const seed = numberOr($("chat-seed"), null);
     if (seed !== null) body.seed = seed;
     answer.textContent = "";

@@ -279,14 +279,18 @@ class Engine:
 
     def pause(self, reason: str = "paused by request") -> None:
         with self._work:
-            self._paused_reason = reason
+            changed, self._paused_reason = self._paused_reason != reason, reason
         self._notify_state()
+        if changed:
+            self.emit_event("paused", reason=reason)  # the event log says who paused it and why
 
     def resume(self) -> None:
         with self._work:
-            self._paused_reason = None
+            was, self._paused_reason = self._paused_reason, None
             self._work.notify_all()
         self._notify_state()
+        if was is not None:
+            self.emit_event("resumed")
 
     def loaded_models(self) -> set[str]:
         """The models every device holds now."""
@@ -333,6 +337,7 @@ class Engine:
                 if deadline is not None and time.monotonic() > deadline:
                     raise EngineError(ErrorCode.TIMEOUT, f"the reload did not finish within {timeout:g} s")
         self._notify_state()
+        self.emit_event("unloaded" if unload else "reloaded", model=model_id)  # model None: every model
 
     def _check_reloadable(self) -> None:
         with self._lock:
