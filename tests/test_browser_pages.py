@@ -278,6 +278,9 @@ def test_the_queue_lists_each_job_with_its_kind_sender_and_place(console: Watche
     assert [r[:4] for r in rows] == [["1", "chat", "alice", "queued"], ["2", "chat", "bob", "queued"],
                                      ["3", "chat", "carol", "queued"]], rows
     assert page.is_hidden("#queue-empty")
+    # The header and the queue chart's figure count the same jobs as the table.
+    counts = [page.inner_text(q) for q in ("#queue-depth", "#running", "#now-queue")]
+    assert counts == ["3", "0", "3"], counts
     rig.mqtt.publish(f"{BASE}/request/resume", {"id": "go"})
     page.wait_for_function("() => document.querySelectorAll('#queue-rows tr').length === 0", timeout=60_000)
     wait_state(page, "idle", timeout=30)

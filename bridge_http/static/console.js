@@ -12,6 +12,7 @@
   let history = [];
   let imageModels = new Set();
   let jobs = new Map(); // id -> the latest we heard of a job (queue and progress events)
+  let queueHeard = false;
 
   // --- state, cards, queue ----------------------------------------------------------------------
   function showState(s) {
@@ -19,8 +20,10 @@
     badge.textContent = s.state;
     badge.dataset.state = s.state;
     $("state-reason").textContent = s.reason || "";
-    $("queue-depth").textContent = s.queue_depth;
-    $("running").textContent = s.running;
+    if (!queueHeard) { // until the first job list: afterwards the header counts the table's rows
+      $("queue-depth").textContent = s.queue_depth;
+      $("running").textContent = s.running;
+    }
     $("queue-max").textContent = s.queue_max;
     $("pause").disabled = s.state === "paused";
     $("resume").disabled = s.state !== "paused";
@@ -96,6 +99,12 @@
       rows.appendChild(row);
     }
     $("queue-empty").hidden = list.length > 0;
+    // The header and the chart's current figure read the same list as the table.
+    const running = list.filter((job) => job.state === "running").length;
+    queueHeard = true;
+    $("running").textContent = running;
+    $("queue-depth").textContent = list.length - running;
+    $("now-queue").textContent = String(list.length - running);
   }
 
   function progressText(job) {
@@ -128,7 +137,7 @@
     $("temp-none").hidden = history.length === 0 || history.some((p) => p.temperature_c != null);
     const last = history[history.length - 1] || {};
     $("now-tokens").textContent = last.tokens_per_s == null ? "" : formatNumber(last.tokens_per_s);
-    $("now-queue").textContent = last.queue_depth == null ? "" : String(last.queue_depth);
+    if (!queueHeard) $("now-queue").textContent = last.queue_depth == null ? "" : String(last.queue_depth);
     $("now-temp").textContent = last.temperature_c == null ? "" : formatNumber(last.temperature_c);
   }
 
