@@ -168,6 +168,9 @@ def test_pages_are_html_with_a_strict_content_security_policy(rig: Rig) -> None:
         assert "script-src 'self'" in csp and "style-src 'self'" in csp and "default-src 'none'" in csp
         assert "unsafe-inline" not in csp and "unsafe-eval" not in csp and "frame-ancestors 'none'" in csp
         assert "<script>" not in r.text and "style=" not in r.text, "no inline script or style to allow"
+    for path in ("/", "/display/lobby", "/ui/console.js"):  # HEAD too (uptime checks, curl -I)
+        head = httpx.head(rig.url + path, timeout=10)
+        assert head.status_code == 200 and head.content == b"", (path, head.status_code)
     assert httpx.get(rig.url + "/display/a+b", timeout=10).status_code == 404
     assert httpx.get(rig.url + "/ui/../app.py", timeout=10).status_code == 404
     # The data and the actions need the key; the pages only ask for it.

@@ -188,7 +188,10 @@
     const node = $("mqtt");
     const status = data.connected === null ? "none" : data.connected ? "up" : "down";
     node.dataset.status = status;
-    node.textContent = { up: "MQTT connected", down: "MQTT down: broker unreachable", none: "no MQTT" }[status];
+    node.textContent = { up: "MQTT up", down: "MQTT down", none: "no MQTT" }[status];
+    node.title = { up: "the appliance is connected to its broker",
+      down: "the broker is unreachable: MQTT requests cannot reach the appliance (HTTP still works)",
+      none: "this appliance has no MQTT link" }[status];
   }
 
   function linkStatus(status) {
