@@ -237,7 +237,14 @@ def main() -> int:
                         help="--against-llama-cpp: runs of each, in turn; the figures are their medians")
     parser.add_argument("--agreement", action="store_true",
                         help="greedy agreement of the 4-bit bundle and llama.cpp with the fp32 bundle")
+    parser.add_argument("--perplexity", action="store_true",
+                        help="perplexity of the fp32 and 4-bit bundles and llama.cpp on a shipped text, "
+                             "the same token ids teacher-forced into each")
     args = parser.parse_args()
+    if args.perplexity:
+        from scripts.bench.perplexity import main as perplexity
+
+        return perplexity(args.models_dir, args.threads)
     if args.agreement:
         from scripts.bench.agreement import main as agreement
 
